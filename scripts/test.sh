@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The project's test command (README, .ci/run): set up .venv if needed, then run the whole
+# suite. Slow multi-process tests are marked `slow` and still run here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_venv.sh
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
+exec .venv/bin/python -m pytest -q --timeout 900 "$@"
