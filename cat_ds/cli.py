@@ -172,5 +172,82 @@ def demo(task, size, out_dir):
     show_masks(data_dir, tok_dir)
 
 
+@main.command("eval")
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Hugging Face model directory (an exported cat-ds model, or any causal LM).")
+@click.option("--data", "data_files", required=True, multiple=True, help="Records (JSONL/JSON; repeat or glob).")
+@click.option("--scorer", type=click.Choice(["exact", "gsm8k", "numeric"]), default="exact",
+              help="numeric is NOT the reference metric (\"84\" == \"84.0\").")
+@click.option("--batch-size", type=int, default=8)
+@click.option("--max-new-tokens", type=int, default=None, help="Default: longest target + EOS + 4.")
+@click.option("--newline-cut/--no-newline-cut", default=None,
+              help="Cut the continuation at the first newline. Default: on unless a target has a newline or gsm8k.")
+@click.option("--prompt", "prompt_mode", type=click.Choice(["training", "raw"]), default="training",
+              help="training: prompt ids = training prefix (cat-ds); raw: input tokenised as is (research code).")
+@click.option("--tokenizer", "tokenizer_dir", default=None, help="Tokenizer dir, if not in the model dir.")
+@click.option("--predictions", "predictions_out", type=click.Path(dir_okay=False), default=None,
+              help="Write input/target/prediction/correct as JSONL here.")
+@click.option("--json", "as_json", is_flag=True, help="Print {\"accuracy\", \"n\", \"correct\"} as the last line.")
+def eval_cmd(model_dir, data_files, scorer, batch_size, max_new_tokens, newline_cut, prompt_mode, tokenizer_dir,
+             predictions_out, as_json):
+    """Generate and score a model on records, like the training-time evaluation."""
+    import json
+
+    from cat_ds.evaluation.standalone import evaluate_model_dir
+
+    res = evaluate_model_dir(model_dir, list(data_files), scorer=scorer, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, stop_at_newline=newline_cut, prompt_mode=prompt_mode,
+                             predictions_out=predictions_out, tokenizer_dir=tokenizer_dir)
+    if as_json:
+        click.echo(json.dumps(res.summary()))
+    else:
+        click.echo(f"accuracy {res.accuracy:.4f} ({res.correct}/{res.n}, scorer {scorer})")
+
+
+def _tracking_uri(tracking_uri, store_root):
+    from cat_ds.tracking.mlflow_logger import resolve_tracking_uri
+
+    return tracking_uri or resolve_tracking_uri(store_root)
+
+
+@main.command()
+@click.option("--experiment", "experiments", multiple=True, help="Experiment name(s); default: all.")
+@click.option("--runs", "run_ids", multiple=True, help="Run ids (repeat); overrides --experiment.")
+@click.option("--metric", "metrics", multiple=True, help="Default: eval/iid/accuracy and eval/ood/accuracy.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Write compare.md and compare.png.")
+@click.option("--tracking-uri", default=None, help="Default: $MLFLOW_TRACKING_URI, else the local store under --store-root.")
+@click.option("--store-root", default="runs", type=click.Path(file_okay=False), help="Where the local SQLite store lives.")
+def compare(experiments, run_ids, metrics, out_dir, tracking_uri, store_root):
+    """Base vs CAT from MLflow: mean ± std over seeds per task, CAT minus base."""
+    from cat_ds.tracking.compare import compare as run_compare
+
+    try:
+        md = run_compare(_tracking_uri(tracking_uri, store_root), experiments=list(experiments) or None,
+                         run_ids=list(run_ids) or None, metrics=list(metrics) or None, out_dir=out_dir)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(md)
+
+
+@main.group()
+def tracking() -> None:
+    """MLflow tracking utilities."""
+
+
+@tracking.command("sync")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--tracking-uri", default=None, help="Default: the URI the run was logging to.")
+def tracking_sync(run_dirs, tracking_uri):
+    """Push what a run could not send to MLflow (server away) from its local spool."""
+    from cat_ds.tracking.spool import sync
+
+    for d in run_dirs:
+        try:
+            n, run_id = sync(d, tracking_uri)
+        except Exception as e:  # e.g. server still away: say which dir, nothing is lost
+            raise click.ClickException(f"{d}: {type(e).__name__}: {e}") from None
+        click.echo(f"{d}: pushed {n} event(s) to run {run_id}")
+
+
 if __name__ == "__main__":
     main()

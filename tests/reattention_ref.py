@@ -16,9 +16,9 @@ VOCAB = 97
 
 
 def tiny_model(family: str = "llama", gqa: bool = True, dtype=torch.float64, layers: int = 2, hidden: int = 32,
-               heads: int = 4, seed: int = 0):
+               heads: int = 4, seed: int = 0, vocab: int = VOCAB):
     kv = heads // 2 if gqa else heads
-    common = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                   num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
                   initializer_range=0.25, tie_word_embeddings=False)
     cfg = LlamaConfig(**common) if family == "llama" else Qwen2Config(**common)

@@ -16,7 +16,14 @@ from cat_ds.annotate.prompts import (
     render_prompt,
 )
 from cat_ds.annotate.runner import AnnotateError, resolve_api_key
-from cat_ds.annotate.store import JsonlAppender, load_done, pending_indices, read_raw_records, record_id
+from cat_ds.annotate.store import (
+    JsonlAppender,
+    OutputLocked,
+    load_done,
+    pending_indices,
+    read_raw_records,
+    record_id,
+)
 from cat_ds.data.records import load_records, normalize_target
 
 EXPECTED = [("Answer: 9", ["x 4", "y 5"])]
@@ -71,7 +78,7 @@ def test_validate_pairs_keeps_and_drops_by_reason():
         ("Ghost", ["x 4"]),
         ("x 4", ["Answer: 9"]),  # key before its value
         ("Answer: 9", ["z 15"]),  # duplicate key merged
-        ("Answer: 9", ["5"]),  # "5" exists only inside "15" / "y 5"? no: "y 5" has a standalone 5
+        ("Answer: 9", ["5"]),  # a standalone "5" occurs (in "y 5")
         ("Answer: 9", ["1"]),  # "1" only inside "15": not an occurrence under the rule
     ]
     kept, dropped, details = validate_pairs(TEXT, important)
@@ -164,3 +171,11 @@ def test_api_key_resolution(monkeypatch):
     assert resolve_api_key("CAT_TEST_KEY", "http://127.0.0.1:1/v1") == "EMPTY"
     monkeypatch.setenv("CAT_TEST_KEY", "k-123")
     assert resolve_api_key("CAT_TEST_KEY", None) == "k-123"
+
+
+def test_output_lock_excludes_a_second_writer(tmp_path):
+    out = tmp_path / "out.jsonl"
+    with JsonlAppender(out, lock=True):
+        with pytest.raises(OutputLocked, match="out.jsonl: another process"):
+            JsonlAppender(out, lock=True)
+    JsonlAppender(out, lock=True).close()  # released on close

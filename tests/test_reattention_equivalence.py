@@ -1,5 +1,5 @@
 """cat_sdpa + sparse loss == dense float64 reference (eager, all maps, row loop): values and
-gradients of every parameter, to 1e-6."""
+gradients of every parameter, to 1e-9 (the issue asks 1e-6)."""
 import copy
 
 import pytest
@@ -8,8 +8,7 @@ from reattention_ref import lm_loss, make_batch, reference, tiny_model
 
 from cat_ds.reattention import CatContext, check_gradient_checkpointing, reattention_loss, select
 
-TOL = 1e-6
-TIGHT = 1e-10  # what float64 actually achieves; 1e-6 is the requirement
+TOL = 1e-9  # stricter than the 1e-6 required: float64 on both sides
 
 
 def _grads(model):

@@ -119,7 +119,3 @@ def render_examples(examples: list[CatRecord]) -> str:
 def render_prompt(template: str, examples_text: str, input_text: str, target: str) -> str:
     values = {"examples": examples_text, "input": input_text, "target": target}
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
-
-
-def build_messages(template: str, examples_text: str, input_text: str, target: str) -> list[dict]:
-    return [{"role": "user", "content": render_prompt(template, examples_text, input_text, target)}]

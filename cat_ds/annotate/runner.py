@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +25,7 @@ from cat_ds.annotate.parsing import DROP_REASONS, ParseError, parse_answer, to_r
 from cat_ds.annotate.prompts import load_examples, load_template, render_examples, render_prompt
 from cat_ds.annotate.store import (
     JsonlAppender,
+    OutputLocked,
     default_rejects_path,
     load_done,
     pending_indices,
@@ -161,15 +162,17 @@ def _annotate_one(client: Any, cfg: AnnotateConfig, prompt: str, text: str, inde
                 out.proposed = sum(len(v) for _, v in parsed)
                 return out
         if attempt < cfg.max_retries and stop.wait(_backoff(cfg, attempt, retry_after)):
-            return out  # stopping: the record stays pending for the next run
+            out.reason = None  # stopping: the record stays pending for the next run
+            return out
     return out
 
 
 def annotate_file(in_path: str | Path, out_path: str | Path, cfg: AnnotateConfig, *,
                   dry_run: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Annotate every record of `in_path` not yet in `out_path`; returns the summary."""
-    if same_file(in_path, out_path):
-        raise AnnotateError(f"{out_path}: the output must not be the input file")
+    rejects_path = Path(cfg.rejects) if cfg.rejects else default_rejects_path(out_path)
+    if same_file(in_path, out_path) or Path(rejects_path).resolve() in (Path(out_path).resolve(), Path(in_path).resolve()):
+        raise AnnotateError(f"{out_path}: the output, the rejects file and the input must be three different files")
     raw = read_raw_records(in_path)
     template = load_template(cfg.prompt_template)
     examples_text = render_examples(load_examples(cfg.examples))
@@ -184,9 +187,17 @@ def annotate_file(in_path: str | Path, out_path: str | Path, cfg: AnnotateConfig
 
     key = resolve_api_key(cfg.api_key_env, cfg.base_url)
     redact = _Redactor(key)
+    try:
+        out = JsonlAppender(out_path, lock=True)  # locked before reading what is done
+    except OutputLocked as e:
+        raise AnnotateError(str(e)) from None
+    with out:
+        return _resume_and_run(raw, prompt_of, cfg, key, redact, out, out_path, rejects_path)
+
+
+def _resume_and_run(raw, prompt_of, cfg, key, redact, out, out_path, rejects_path) -> dict[str, Any]:
     done, torn = load_done(out_path)
     todo, _ = pending_indices(raw, done)
-    rejects_path = Path(cfg.rejects) if cfg.rejects else default_rejects_path(out_path)
     summary: dict[str, Any] = {
         "records": len(raw), "already_done": len(raw) - len(todo), "torn_bytes_cut": torn,
         "annotated": 0, "annotated_with_pairs": 0, "annotated_without_pairs": 0,
@@ -196,14 +207,33 @@ def annotate_file(in_path: str | Path, out_path: str | Path, cfg: AnnotateConfig
     }
     t0 = time.monotonic()
     if todo:
-        _run(raw, todo, prompt_of, cfg, key, redact, out_path, rejects_path, summary)
+        _run(raw, todo, prompt_of, cfg, key, redact, out, rejects_path, summary)
     elif rejects_path.exists():
         rejects_path.write_bytes(b"")  # the rejects file lists this run's failures only
     summary["elapsed_s"] = round(time.monotonic() - t0, 3)
     return summary
 
 
-def _run(raw, todo, prompt_of, cfg, key, redact, out_path, rejects_path, summary) -> None:
+def _results(pool, todo, raw, prompt_of, client, cfg, stop, redact):
+    """Finished records as they complete. Only a small window is submitted at a time, so
+    prompts are built lazily and memory stays flat on large files."""
+    pending = iter(todo)
+    inflight: set = set()
+    window = 2 * max(1, cfg.concurrency)
+    while True:
+        for i in pending:
+            text = raw[i]["input"] + normalize_target(raw[i]["target"], "")
+            inflight.add(pool.submit(_annotate_one, client, cfg, prompt_of(i), text, i, stop, redact))
+            if len(inflight) >= window:
+                break
+        if not inflight:
+            return
+        finished, inflight = wait(inflight, return_when=FIRST_COMPLETED)
+        for fut in finished:
+            yield fut.result()  # AnnotateError propagates and ends the run
+
+
+def _run(raw, todo, prompt_of, cfg, key, redact, out, rejects_path, summary) -> None:
     import openai
     from tqdm import tqdm
 
@@ -216,14 +246,8 @@ def _run(raw, todo, prompt_of, cfg, key, redact, out_path, rejects_path, summary
     bar = tqdm(total=len(todo), unit="rec", desc="annotate", file=sys.stderr, dynamic_ncols=True,
                disable=None if cfg.progress is None else not cfg.progress)
     try:
-        with JsonlAppender(out_path) as out, JsonlAppender(rejects_path, "wb") as rej:
-            futures = [
-                pool.submit(_annotate_one, client, cfg, prompt_of(i),
-                            raw[i]["input"] + normalize_target(raw[i]["target"], ""), i, stop, redact)
-                for i in todo
-            ]
-            for fut in as_completed(futures):
-                res = fut.result()  # AnnotateError propagates and ends the run
+        with JsonlAppender(rejects_path, "wb") as rej:
+            for res in _results(pool, todo, raw, prompt_of, client, cfg, stop, redact):
                 summary["requests"] += res.attempts
                 tokens.update(res.usage)
                 if res.important is not None:

@@ -83,11 +83,26 @@ def pending_indices(raw: list[dict[str, Any]], done: Counter) -> tuple[list[int]
     return todo, ids
 
 
-class JsonlAppender:
-    """One JSON object per line, each line one unbuffered write (flushed per record)."""
+class OutputLocked(RuntimeError):
+    pass
 
-    def __init__(self, path: str | Path, mode: str = "ab"):
+
+class JsonlAppender:
+    """One JSON object per line, each line one unbuffered write (flushed per record).
+
+    With `lock`, an exclusive advisory lock is held while open, so two runs can never
+    interleave lines in one file (the OS drops it when the process dies, even on SIGKILL)."""
+
+    def __init__(self, path: str | Path, mode: str = "ab", lock: bool = False):
         self._fh = open(path, mode, buffering=0)
+        if lock:
+            import fcntl
+
+            try:
+                fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._fh.close()
+                raise OutputLocked(f"{path}: another process (a second cat-ds annotate?) is writing this file") from None
 
     def write(self, obj: dict[str, Any]) -> None:
         data = memoryview((json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"))

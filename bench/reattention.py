@@ -1,0 +1,220 @@
+"""Benchmark: base step vs CAT step vs research-style step (forward + backward).
+
+    .venv/bin/python bench/reattention.py [--device cpu|cuda] [--seq-len N ...] [--json]
+
+Same process, same model weights, same batch for the three steps:
+- base: SDPA attention, LM loss only;
+- cat: "cat_sdpa" attention (fast-kernel output + sparse exact mass on C) + LM loss + CAT loss;
+- research: eager attention, output_attentions=True (every layer's full maps), the spec's
+  Python loop over every row of every sample on a dense mask, reimplemented from CAT_SPEC.md 4.
+Supervision: --rows supervised rows per sequence (query positions in the second half, where
+answers are), each with --cols causal columns drawn from the positions before it.
+
+Peak memory is the extra memory over the state just before the step (weights, batch):
+CPU: the process's peak resident set (VmHWM, reset through /proc/self/clear_refs before each
+step) minus the RSS before it, with glibc's mmap threshold pinned (MALLOC_MMAP_THRESHOLD_) so
+freed tensors go back to the OS; CUDA: torch.cuda.max_memory_allocated minus allocated before.
+Times: median of --repeat timed steps after one warm-up step (which is the memory step).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if "MALLOC_MMAP_THRESHOLD_" not in os.environ and __name__ == "__main__":
+    # Pin the threshold (it also turns off glibc's dynamic adjustment): large buffers are mmapped
+    # and returned on free, so RSS follows live memory and a later step's peak is not hidden.
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from cat_ds.reattention import CatContext, reattention_loss, select  # noqa: E402
+
+
+def make_batch(bsz: int, seq: int, rows: int, cols: int, vocab: int, seed: int, device) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, vocab, (bsz, seq), generator=g)
+    labels = input_ids.clone()
+    labels[:, : seq // 2] = -100
+    row_list, ptr, col_list = [], [0], []
+    for b in range(bsz):
+        qs = torch.randperm(seq - seq // 2 - 1, generator=g)[:rows] + seq // 2
+        for q in sorted(qs.tolist()):
+            c = torch.randperm(q, generator=g)[:cols].sort().values.tolist()
+            row_list.append((b, q))
+            col_list.extend(c)
+            ptr.append(len(col_list))
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
+             "cat_rows": torch.tensor(row_list), "cat_col_ptr": torch.tensor(ptr), "cat_cols": torch.tensor(col_list)}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def dense_mask(batch: dict) -> torch.Tensor:
+    """The research code's per-record T x T mask (built outside the timed step)."""
+    bsz, seq = batch["input_ids"].shape
+    m = torch.zeros((bsz, seq, seq), device=batch["input_ids"].device)
+    ptr, cols = batch["cat_col_ptr"].tolist(), batch["cat_cols"]
+    for r, (b, q) in enumerate(batch["cat_rows"].tolist()):
+        m[b, q, cols[ptr[r]:ptr[r + 1]]] = 1
+    return m
+
+
+def research_loss(attentions, mask: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
+    """CAT_SPEC.md 4 as the research code does it: Abar over all layers and heads, a Python loop
+    over every row of every sample, div loss, divided by the non-skipped rows."""
+    abar = torch.stack(attentions).mean(dim=0).mean(dim=1)  # (B, T, T)
+    total, count = abar.new_zeros(()), 0
+    for b in range(mask.shape[0]):
+        for q in range(mask.shape[1]):
+            row = mask[b, q, : q + 1]
+            s = int(row.sum())
+            if s == 0 or s == q + 1:
+                continue
+            a1 = abar[b, q, : q + 1][row == 1].mean()
+            a0 = abar[b, q, : q + 1][row == 0].mean()
+            count += 1
+            if a1 / a0 < alpha:
+                total = total - torch.log(1 + a1) / torch.log(1 + a0)
+    return total / max(count, 1)
+
+
+def _rss_kb(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+class PeakMemory:
+    """Extra peak memory (MB) of the enclosed code over the state at entry."""
+
+    def __init__(self, device):
+        self.device = device
+        self.mb = float("nan")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            self.start = _rss_kb("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = _rss_kb("VmHWM") * 1024
+        self.mb = (peak - self.start) / 2**20
+
+
+def run_variant(step, model, device, repeat: int) -> tuple[float, float]:
+    model.zero_grad(set_to_none=True)
+    with PeakMemory(device) as mem:  # warm-up step doubles as the memory measurement
+        step()
+    times = []
+    for _ in range(repeat):
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1000)
+    model.zero_grad(set_to_none=True)
+    return statistics.median(times), mem.mb
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--seq-len", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=32, help="supervised rows per sequence")
+    ap.add_argument("--cols", type=int, default=16, help="causal columns per row")
+    ap.add_argument("--heads", default="all", help="CAT heads per layer: all | K")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--n-heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--intermediate", type=int, default=704)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: float32 on CPU, bf16 on CUDA")
+    ap.add_argument("--research-max-len", type=int, default=2048, help="skip the research step above this length")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", action="store_true", help="one JSON object per length")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                      num_hidden_layers=args.layers, num_attention_heads=args.n_heads,
+                      num_key_value_heads=args.kv_heads, max_position_embeddings=max(args.seq_len))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    shape = (f"Llama {args.layers} layers, hidden {args.hidden}, {args.n_heads} heads / {args.kv_heads} KV heads, "
+             f"MLP {args.intermediate}, vocab {args.vocab}, {n_params / 1e6:.1f}M params, {dtype}, {device.type}, "
+             f"batch {args.batch_size}, {args.rows} rows x {args.cols} cols per sequence, CAT heads={args.heads}, "
+             f"torch threads {torch.get_num_threads()}")
+    if not args.json:
+        print(shape)
+        print(f"{'T':>6} {'base ms':>9} {'cat ms':>9} {'research ms':>12} {'cat/base':>9} {'res/cat':>8} "
+              f"{'base MB':>9} {'cat MB':>9} {'research MB':>12}")
+    for seq in args.seq_len:
+        batch = make_batch(args.batch_size, seq, args.rows, args.cols, args.vocab, seed=seq, device=device)
+        layers, heads = select(args.layers, args.n_heads, heads=args.heads, seed=0, step=0)
+
+        def base_step():
+            model.set_attn_implementation("sdpa")
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+            out.loss.backward()
+
+        def cat_step():
+            model.set_attn_implementation("cat_sdpa")
+            ctx = CatContext.from_batch(batch, layers=layers, heads=heads, num_heads=args.n_heads)
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                        cat=ctx)
+            (out.loss + reattention_loss(ctx).loss).backward()
+
+        mask = dense_mask(batch)
+
+        def research_step():
+            model.set_attn_implementation("eager")
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                        output_attentions=True)
+            (out.loss + research_loss(out.attentions, mask)).backward()
+
+        base_ms, base_mb = run_variant(base_step, model, device, args.repeat)
+        cat_ms, cat_mb = run_variant(cat_step, model, device, args.repeat)
+        research_ms = research_mb = None
+        if seq <= args.research_max_len:
+            research_ms, research_mb = run_variant(research_step, model, device, args.repeat)
+        del mask
+        rec = {"seq_len": seq, "base_ms": round(base_ms, 1), "cat_ms": round(cat_ms, 1),
+               "research_ms": None if research_ms is None else round(research_ms, 1),
+               "base_peak_mb": round(base_mb, 1), "cat_peak_mb": round(cat_mb, 1),
+               "research_peak_mb": None if research_mb is None else round(research_mb, 1)}
+        if args.json:
+            print(json.dumps({**rec, "model": shape}), flush=True)
+        else:
+            fmt = lambda v, w, p=1: f"{v:>{w}.{p}f}" if v is not None else f"{'skipped':>{w}}"  # noqa: E731
+            print(f"{seq:>6} {fmt(base_ms, 9)} {fmt(cat_ms, 9)} {fmt(research_ms, 12)} {fmt(cat_ms / base_ms, 9, 3)} "
+                  f"{fmt(research_ms / cat_ms if research_ms else None, 8, 2)} {fmt(base_mb, 9)} {fmt(cat_mb, 9)} "
+                  f"{fmt(research_mb, 12)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""A real two-node Slurm cluster on this machine, for tests.
+
+munged, slurmctld and two slurmd daemons (`-N n1`, `-N n2`) run in the foreground from a
+generated slurm.conf in a temporary directory; clients find it through SLURM_CONF, which
+sbatch passes on to the job, so srun inside a batch script finds it too. The packages are
+installed with apt-get when missing (root only). Without accounting there is no sacct: job
+state comes from `scontrol show job -o`.
+
+Use the `slurm_cluster` fixture (import it into the test module).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+NODES = ("n1", "n2")
+MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+            "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+class SlurmUnavailable(RuntimeError):
+    """Slurm/munge are missing and cannot be installed here."""
+
+
+def ensure_installed() -> None:
+    """apt-get install the daemons and clients if any binary is missing (idempotent)."""
+    if all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged")):
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise SlurmUnavailable(
+            "Slurm/munge binaries are missing and cannot be installed here (needs root and "
+            f"apt-get): apt-get install {' '.join(PACKAGES)}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "update", "-qq"],
+                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            raise SlurmUnavailable(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-2000:]}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ensure_hosts() -> None:
+    """Head node names from `scontrol show hostnames` must resolve (MASTER_ADDR)."""
+    hosts = Path("/etc/hosts")
+    names = set()
+    for line in hosts.read_text().splitlines():
+        parts = line.split("#")[0].split()
+        if parts and parts[0] == "127.0.0.1":
+            names.update(parts[1:])
+    if not set(NODES) <= names:
+        with hosts.open("a") as f:
+            f.write(f"127.0.0.1 {' '.join(NODES)}\n")
+
+
+def _munge_works() -> bool:
+    if not shutil.which("munge"):
+        return False
+    enc = subprocess.run(["munge", "-n"], capture_output=True, timeout=10)
+    if enc.returncode != 0:
+        return False
+    return subprocess.run(["unmunge"], input=enc.stdout, capture_output=True,
+                          timeout=10).returncode == 0
+
+
+def _node_resources() -> tuple[int, int]:
+    """Split this machine between the two emulated nodes: (CPUs, RealMemory MB) per node.
+    On the 2-core CI machine each node gets one CPU: a 2-node job runs one rank per core."""
+    cpus = max(1, (os.cpu_count() or 2) // 2)
+    mem_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    return cpus, max(512, mem_mb // 2 - 512)
+
+
+class SlurmCluster:
+    def __init__(self, root: Path):
+        self.root = root
+        self.conf = root / "slurm.conf"
+        self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._started_munged = False
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    def write_conf(self) -> None:
+        cpus, mem = _node_resources()
+        host = socket.gethostname().split(".")[0]
+        (self.root / "state").mkdir(parents=True, exist_ok=True)
+        for n in NODES:
+            (self.root / "spool" / n).mkdir(parents=True, exist_ok=True)
+        r = self.root
+        node_ports = [_free_port() for _ in NODES]
+        lines = [
+            "ClusterName=catds",
+            f"SlurmctldHost={host}(127.0.0.1)",
+            f"SlurmctldPort={_free_port()}",
+            "SlurmUser=root", "SlurmdUser=root",
+            "AuthType=auth/munge", "CredType=cred/munge",
+            f"StateSaveLocation={r}/state",
+            f"SlurmdSpoolDir={r}/spool/%n",
+            f"SlurmctldPidFile={r}/slurmctld.pid",
+            f"SlurmdPidFile={r}/slurmd-%n.pid",
+            f"SlurmctldLogFile={r}/slurmctld.log",
+            f"SlurmdLogFile={r}/slurmd-%n.log",
+            "SlurmctldDebug=info", "SlurmdDebug=info",
+            # Settings measured to work in a container without systemd/cgroups.
+            "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
+            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
+            "CommunicationParameters=NoCtldInAddrAny,NoInAddrAny",
+            "SchedulerParameters=batch_sched_delay=0",
+            "SlurmdParameters=config_overrides",
+            "MailProg=/bin/true", "MpiDefault=none",
+            "AccountingStorageType=accounting_storage/none",
+            "JobCompType=jobcomp/none",
+            "MinJobAge=600", "KillWait=10", "ReturnToService=2", "InactiveLimit=0",
+            "JobRequeue=1",
+        ]
+        for n, port in zip(NODES, node_ports):
+            lines.append(f"NodeName={n} NodeAddr=127.0.0.1 NodeHostname={host} Port={port} "
+                         f"CPUs={cpus} RealMemory={mem} State=UNKNOWN")
+        lines.append(f"PartitionName=debug Nodes={','.join(NODES)} Default=YES "
+                     "MaxTime=INFINITE State=UP")
+        self.conf.write_text("\n".join(lines) + "\n")
+
+    def start(self, timeout: float = 60) -> None:
+        ensure_installed()
+        _ensure_hosts()
+        self.write_conf()
+        if not _munge_works():
+            MUNGE_SOCKET.parent.mkdir(parents=True, exist_ok=True)
+            shutil.chown(MUNGE_SOCKET.parent, "munge", "munge")
+            # -F: foreground, so we own the process and can end it.
+            self._procs["munged"] = subprocess.Popen(
+                ["runuser", "-u", "munge", "--", "munged", "-F"],
+                stdout=subprocess.DEVNULL, stderr=open(self.root / "munged.log", "w"))
+            self._started_munged = True
+            self._wait(_munge_works, timeout, "munged to answer")
+        self._procs["slurmctld"] = subprocess.Popen(
+            ["slurmctld", "-D", "-i", "-f", str(self.conf)], env=self.env,
+            stdout=subprocess.DEVNULL, stderr=open(self.root / "slurmctld.err", "w"))
+        self._wait(lambda: self._run(["scontrol", "ping"], check=False).returncode == 0,
+                   timeout, "slurmctld to answer `scontrol ping`")
+        for n in NODES:
+            self._procs[f"slurmd-{n}"] = subprocess.Popen(
+                ["slurmd", "-D", "-N", n, "-f", str(self.conf)], env=self.env,
+                stdout=subprocess.DEVNULL, stderr=open(self.root / f"slurmd-{n}.err", "w"))
+        self._wait(self._nodes_idle, timeout, "nodes n1 and n2 to be idle")
+
+    def stop(self) -> None:
+        for name in reversed(list(self._procs)):
+            p = self._procs.pop(name)
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(timeout=5)
+        self._kill_leftover_job_processes()
+
+    def _kill_leftover_job_processes(self) -> None:
+        """slurmstepd processes of jobs still running when the daemons stopped: end them
+        (only those whose command line points at our own slurm.conf or spool)."""
+        marker = str(self.root)
+        for pid_dir in Path("/proc").iterdir():
+            if not pid_dir.name.isdigit():
+                continue
+            try:
+                cmd = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                env = (pid_dir / "environ").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if cmd.startswith("slurmstepd") and marker in env:
+                try:
+                    os.kill(int(pid_dir.name), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    # ---- helpers -----------------------------------------------------------------------
+    def _run(self, cmd: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
+        r = subprocess.run(cmd, env=kw.pop("env", self.env), capture_output=True, text=True,
+                           timeout=kw.pop("timeout", 30), **kw)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()}"
+                               f"\n{self.daemon_logs()}")
+        return r
+
+    def _wait(self, pred, timeout: float, what: str) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if pred():
+                return
+            for name, p in self._procs.items():
+                if p.poll() is not None:
+                    raise RuntimeError(f"{name} exited ({p.returncode}) while waiting for "
+                                       f"{what}\n{self.daemon_logs()}")
+            time.sleep(0.5)
+        raise TimeoutError(f"timed out after {timeout}s waiting for {what}\n{self.daemon_logs()}")
+
+    def _nodes_idle(self) -> bool:
+        r = self._run(["sinfo", "-h", "-N", "-o", "%N %t"], check=False)
+        states = dict(line.split() for line in r.stdout.splitlines() if line.strip())
+        return all(states.get(n) == "idle" for n in NODES)
+
+    def daemon_logs(self, tail: int = 30) -> str:
+        out = []
+        for f in sorted(self.root.glob("*.log")) + sorted(self.root.glob("*.err")):
+            lines = f.read_text(errors="replace").splitlines()[-tail:]
+            if lines:
+                out.append(f"--- {f.name} ---\n" + "\n".join(lines))
+        return "\n".join(out)
+
+    # ---- jobs --------------------------------------------------------------------------
+    def sbatch(self, args: list[str], cwd: Path | None = None,
+               env: dict | None = None) -> str:
+        """Submit, return the job id (for an array, the array's master id)."""
+        r = self._run(["sbatch", "--parsable", *args], cwd=cwd,
+                      env={**self.env, **(env or {})})
+        return r.stdout.strip().split(";")[0]
+
+    def job(self, job_id: str) -> list[dict[str, str]]:
+        """`scontrol show job -o` as dicts: one per job (several for an array)."""
+        r = self._run(["scontrol", "show", "job", "-o", str(job_id)])
+        jobs = []
+        for line in r.stdout.splitlines():
+            # Values hold no spaces except Command/WorkDir paths in odd set-ups; good enough.
+            jobs.append(dict(m.groups() for m in re.finditer(r"(\w[\w:/]*)=(\S*)", line)))
+        return jobs
+
+    def wait(self, job_id: str, timeout: float = 300,
+             until=lambda jobs: all(j["JobState"] in TERMINAL for j in jobs)) -> list[dict]:
+        end = time.monotonic() + timeout
+        while True:
+            jobs = self.job(job_id)
+            if jobs and until(jobs):
+                return jobs
+            if time.monotonic() > end:
+                raise TimeoutError(f"job {job_id} not done after {timeout}s: "
+                                   f"{[(j['JobId'], j['JobState']) for j in jobs]}\n"
+                                   f"{self.daemon_logs()}")
+            time.sleep(1)
+
+    def scontrol(self, *args: str) -> str:
+        return self._run(["scontrol", *args]).stdout
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    try:
+        ensure_installed()
+    except SlurmUnavailable as e:
+        if os.environ.get("CI"):  # in CI these tests must run, never skip
+            pytest.fail(str(e))
+        pytest.skip(str(e))
+    # A short root path: slurm.conf lines and socket paths stay well under their limits.
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
