@@ -10,11 +10,12 @@ Same process, same model weights, same batch for the three steps:
 Supervision: --rows supervised rows per sequence (query positions in the second half, where
 answers are), each with --cols causal columns drawn from the positions before it.
 
-Peak memory is the extra memory over the state just before the step (weights, batch):
-CPU: the process's peak resident set (VmHWM, reset through /proc/self/clear_refs before each
-step) minus the RSS before it, with glibc's mmap threshold pinned (MALLOC_MMAP_THRESHOLD_) so
-freed tensors go back to the OS; CUDA: torch.cuda.max_memory_allocated minus allocated before.
-Times: median of --repeat timed steps after one warm-up step (which is the memory step).
+Peak memory is the extra memory of one step over the state just before it (weights, batch),
+measured for each (variant, length) in a fresh child process that builds the same model and
+batch: CPU: peak resident set (VmHWM, reset through /proc/self/clear_refs) minus the RSS before
+the step, with glibc's mmap threshold pinned (MALLOC_MMAP_THRESHOLD_) so freed buffers go back
+to the OS; CUDA: torch.cuda.max_memory_allocated minus memory_allocated before the step.
+Times: median of --repeat timed steps after one warm-up step, in this process (default malloc).
 """
 from __future__ import annotations
 
@@ -23,15 +24,10 @@ import json
 import os
 import re
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
-
-if "MALLOC_MMAP_THRESHOLD_" not in os.environ and __name__ == "__main__":
-    # Pin the threshold (it also turns off glibc's dynamic adjustment): large buffers are mmapped
-    # and returned on free, so RSS follows live memory and a later step's peak is not hidden.
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    os.execv(sys.executable, [sys.executable, *sys.argv])
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -118,10 +114,9 @@ class PeakMemory:
         self.mb = (peak - self.start) / 2**20
 
 
-def run_variant(step, model, device, repeat: int) -> tuple[float, float]:
+def time_variant(step, model, device, repeat: int) -> float:
     model.zero_grad(set_to_none=True)
-    with PeakMemory(device) as mem:  # warm-up step doubles as the memory measurement
-        step()
+    step()  # warm-up
     times = []
     for _ in range(repeat):
         model.zero_grad(set_to_none=True)
@@ -133,7 +128,17 @@ def run_variant(step, model, device, repeat: int) -> tuple[float, float]:
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1000)
     model.zero_grad(set_to_none=True)
-    return statistics.median(times), mem.mb
+    return statistics.median(times)
+
+
+def probe_memory(variant: str, seq: int, argv: list[str], device) -> float:
+    """Run one step of `variant` in a fresh child process and return its extra peak MB."""
+    env = dict(os.environ)
+    if device.type == "cpu":
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"  # also disables glibc's dynamic threshold
+    cmd = [sys.executable, __file__, *argv, "--seq-len", str(seq), "--memory-probe", variant]
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mb"]
 
 
 def main(argv=None):
@@ -154,7 +159,15 @@ def main(argv=None):
     ap.add_argument("--research-max-len", type=int, default=2048, help="skip the research step above this length")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", action="store_true", help="one JSON object per length")
+    ap.add_argument("--memory-probe", choices=["base", "cat", "research"], help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
+    child_argv = [a for a in argv if a != "--json"]
+    if "--seq-len" in child_argv:  # the child gets exactly one length
+        i = child_argv.index("--seq-len") + 1
+        while i < len(child_argv) and not child_argv[i].startswith("--"):
+            child_argv.pop(i)
+        child_argv.pop(child_argv.index("--seq-len"))
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -169,7 +182,7 @@ def main(argv=None):
              f"MLP {args.intermediate}, vocab {args.vocab}, {n_params / 1e6:.1f}M params, {dtype}, {device.type}, "
              f"batch {args.batch_size}, {args.rows} rows x {args.cols} cols per sequence, CAT heads={args.heads}, "
              f"torch threads {torch.get_num_threads()}")
-    if not args.json:
+    if not args.json and not args.memory_probe:
         print(shape)
         print(f"{'T':>6} {'base ms':>9} {'cat ms':>9} {'research ms':>12} {'cat/base':>9} {'res/cat':>8} "
               f"{'base MB':>9} {'cat MB':>9} {'research MB':>12}")
@@ -197,12 +210,23 @@ def main(argv=None):
                         output_attentions=True)
             (out.loss + research_loss(out.attentions, mask)).backward()
 
-        base_ms, base_mb = run_variant(base_step, model, device, args.repeat)
-        cat_ms, cat_mb = run_variant(cat_step, model, device, args.repeat)
+        steps = {"base": base_step, "cat": cat_step, "research": research_step}
+        if args.memory_probe:
+            model.zero_grad(set_to_none=True)
+            with PeakMemory(device) as mem:
+                steps[args.memory_probe]()
+            print(json.dumps({"peak_mb": mem.mb}))
+            return
+        base_ms = time_variant(base_step, model, device, args.repeat)
+        cat_ms = time_variant(cat_step, model, device, args.repeat)
         research_ms = research_mb = None
         if seq <= args.research_max_len:
-            research_ms, research_mb = run_variant(research_step, model, device, args.repeat)
+            research_ms = time_variant(research_step, model, device, args.repeat)
         del mask
+        base_mb = probe_memory("base", seq, child_argv, device)
+        cat_mb = probe_memory("cat", seq, child_argv, device)
+        if seq <= args.research_max_len:
+            research_mb = probe_memory("research", seq, child_argv, device)
         rec = {"seq_len": seq, "base_ms": round(base_ms, 1), "cat_ms": round(cat_ms, 1),
                "research_ms": None if research_ms is None else round(research_ms, 1),
                "base_peak_mb": round(base_mb, 1), "cat_peak_mb": round(cat_mb, 1),

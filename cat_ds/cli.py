@@ -56,13 +56,20 @@ def data_validate(files, all_errors):
 
 @data.command("inspect")
 @click.argument("files", nargs=-1, required=True)
-@click.option("--tokenizer", "tokenizer_name", required=True, help="Tokenizer name or directory (fast tokenizer).")
+@click.option("--tokenizer", "tokenizer_name", default=None, help="Tokenizer name or directory (fast tokenizer). Default: the --model directory.")
 @click.option("--max-length", type=int, default=None, help="Truncate token sequences to this length.")
 @click.option("--min-gap", type=int, default=1, help="Minimum tokens between a value's end and its key's start (research code: 1).")
 @click.option("--limit", type=int, default=3, help="Records shown in the human view (the summary covers all).")
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines: one object per record, then a summary line.")
-def data_inspect(files, tokenizer_name, max_length, min_gap, limit, as_json):
-    """Show the token-level causal mask built for each record."""
+@click.option("--model", "model_name", default=None, help="Also score each record with this model: lm_loss, cat_loss, row_stats.")
+@click.option("--dtype", type=click.Choice(["float32", "float64", "bfloat16"]), default="float32")
+@click.option("--alpha", type=float, default=2.0, help="Re-Attention threshold on a1/a0.")
+@click.option("--loss-type", type=click.Choice(["div", "div2", "nll", "hinge"]), default="div")
+@click.option("--heads", default="all", help="all | K (K sampled heads per layer, seeded).")
+@click.option("--layers", default="all", help="all | last N | comma-separated layer indices.")
+def data_inspect(files, tokenizer_name, max_length, min_gap, limit, as_json, model_name, dtype, alpha, loss_type, heads, layers):
+    """Show the token-level causal mask built for each record (and, with --model, the
+    model's LM loss, Re-Attention loss and per-row attention on the causal columns)."""
     import json as _json
 
     from tqdm import tqdm
@@ -72,21 +79,58 @@ def data_inspect(files, tokenizer_name, max_length, min_gap, limit, as_json):
     from cat_ds.data.spans import tokenize_example
     from cat_ds.data.tokenizers import load_tokenizer
 
+    if tokenizer_name is None and model_name is None:
+        raise click.UsageError("give --tokenizer (or --model, whose directory holds the tokenizer)")
     try:
         records = load_records(files)
     except (RecordError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
-    tok = load_tokenizer(tokenizer_name)
-    examples = []
-    for i, rec in enumerate(tqdm(records, desc="masks", disable=as_json or len(records) < 2000, leave=False)):
+    tok = load_tokenizer(tokenizer_name or model_name)
+    scorer = _inspect_scorer(model_name, dtype, tok, alpha=alpha, loss_type=loss_type, heads=heads, layers=layers) if model_name else None
+    examples, ratios = [], []
+    show_bar = not as_json and (scorer is not None or len(records) >= 2000)
+    for i, rec in enumerate(tqdm(records, desc="records", disable=not show_bar, leave=False)):
         ex = tokenize_example(rec, tok, max_length=max_length, min_gap=min_gap)
         examples.append(ex)
+        obj = example_json(i, ex)
+        if scorer is not None:
+            obj.update(scorer(ex))
+            if ex.rows and obj["row_stats"]:
+                ratios.append(obj["ratio"])
         if as_json:
-            click.echo(_json.dumps(example_json(i, ex)))
+            click.echo(_json.dumps(obj))
         elif i < limit:
-            click.echo(render_example(i, rec, ex, tok) + "\n")
+            text = render_example(i, rec, ex, tok)
+            if scorer is not None:
+                text += f"\n  lm_loss {obj['lm_loss']:.4f}  cat_loss {obj['cat_loss']:.4f}  causal/non-causal attention ratio {obj['ratio']:.3f}"
+            click.echo(text + "\n")
     summary = summarize(examples)
+    if scorer is not None:
+        summary["mean_attention_ratio"] = round(sum(ratios) / len(ratios), 4) if ratios else None
     click.echo(_json.dumps({"summary": summary}) if as_json else render_summary(summary))
+
+
+def _inspect_scorer(model_name, dtype, tok, **cat):
+    """A function TokenizedExample -> {lm_loss, cat_loss, row_stats, ratio} for `inspect --model`."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cat_ds.data.collate import CatCollator
+    from cat_ds.reattention.diagnostics import score_example
+
+    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=getattr(torch, dtype))
+    model.eval()
+    collate = CatCollator(tok.pad_token_id)
+
+    def score(ex):
+        res = score_example(model, collate([ex]), **cat)
+        ratio = res["ratio"]
+        return {"lm_loss": res["lm_loss"], "cat_loss": res["cat_loss"], "row_stats": res["row_stats"],
+                "ratio": None if ratio is None or (isinstance(ratio, float) and math.isnan(ratio)) else ratio}
+
+    return score
 
 
 @main.group()

@@ -92,7 +92,7 @@ class SlurmCluster:
         self.conf = root / "slurm.conf"
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
         self._procs: dict[str, subprocess.Popen] = {}
-        self._started_munged = False
+        self._files = []
 
     # ---- lifecycle ---------------------------------------------------------------------
     def write_conf(self) -> None:
@@ -145,18 +145,17 @@ class SlurmCluster:
             # -F: foreground, so we own the process and can end it.
             self._procs["munged"] = subprocess.Popen(
                 ["runuser", "-u", "munge", "--", "munged", "-F"],
-                stdout=subprocess.DEVNULL, stderr=open(self.root / "munged.log", "w"))
-            self._started_munged = True
+                stdout=subprocess.DEVNULL, stderr=self._errfile("munged"))
             self._wait(_munge_works, timeout, "munged to answer")
         self._procs["slurmctld"] = subprocess.Popen(
             ["slurmctld", "-D", "-i", "-f", str(self.conf)], env=self.env,
-            stdout=subprocess.DEVNULL, stderr=open(self.root / "slurmctld.err", "w"))
+            stdout=subprocess.DEVNULL, stderr=self._errfile("slurmctld"))
         self._wait(lambda: self._run(["scontrol", "ping"], check=False).returncode == 0,
                    timeout, "slurmctld to answer `scontrol ping`")
         for n in NODES:
             self._procs[f"slurmd-{n}"] = subprocess.Popen(
                 ["slurmd", "-D", "-N", n, "-f", str(self.conf)], env=self.env,
-                stdout=subprocess.DEVNULL, stderr=open(self.root / f"slurmd-{n}.err", "w"))
+                stdout=subprocess.DEVNULL, stderr=self._errfile(f"slurmd-{n}"))
         self._wait(self._nodes_idle, timeout, "nodes n1 and n2 to be idle")
 
     def stop(self) -> None:
@@ -170,6 +169,13 @@ class SlurmCluster:
                     p.kill()
                     p.wait(timeout=5)
         self._kill_leftover_job_processes()
+        for f in self._files:
+            f.close()
+
+    def _errfile(self, name: str):
+        f = open(self.root / f"{name}.err", "w")
+        self._files.append(f)
+        return f
 
     def _kill_leftover_job_processes(self) -> None:
         """slurmstepd processes of jobs still running when the daemons stopped: end them
@@ -205,8 +211,10 @@ class SlurmCluster:
                 return
             for name, p in self._procs.items():
                 if p.poll() is not None:
+                    err = self.root / f"{name}.err"
+                    err = err.read_text(errors="replace")[-3000:] if err.exists() else ""
                     raise RuntimeError(f"{name} exited ({p.returncode}) while waiting for "
-                                       f"{what}\n{self.daemon_logs()}")
+                                       f"{what}\n{err}\n{self.daemon_logs()}")
             time.sleep(0.5)
         raise TimeoutError(f"timed out after {timeout}s waiting for {what}\n{self.daemon_logs()}")
 
@@ -217,7 +225,8 @@ class SlurmCluster:
 
     def daemon_logs(self, tail: int = 30) -> str:
         out = []
-        for f in sorted(self.root.glob("*.log")) + sorted(self.root.glob("*.err")):
+        # *.log only: the daemons' stderr (*.err) repeats their log files in -D mode.
+        for f in sorted(self.root.glob("*.log")):
             lines = f.read_text(errors="replace").splitlines()[-tail:]
             if lines:
                 out.append(f"--- {f.name} ---\n" + "\n".join(lines))

@@ -20,6 +20,7 @@ import pytest
 from cat_ds.annotate import AnnotateConfig, annotate_file
 from cat_ds.annotate.store import record_id
 from cat_ds.data.records import load_records
+from cat_ds.data.spans import tokenize_example
 
 HERE = Path(__file__).resolve().parent
 STUB = HERE / "openai_stub_server.py"
@@ -102,7 +103,7 @@ def script_for(cases: dict) -> dict:
     return {"rules": [{"name": n, "match": f"Item {n}:", "steps": s} for n, s in cases.items()]}
 
 
-def test_annotate_every_answer_kind(tmp_path, start_stub, monkeypatch):
+def test_annotate_every_answer_kind(tmp_path, start_stub, monkeypatch, bpe_tokenizer):
     stub = start_stub(script_for(CASES))
     records = [rec(n, idx=i) for i, n in enumerate(CASES)]
     records[0].pop("idx")  # one record identified by content hash instead
@@ -123,6 +124,9 @@ def test_annotate_every_answer_kind(tmp_path, start_stub, monkeypatch):
         assert list(o)[:2] == ["input", "target"] and o["target"] == 9  # the input record, unchanged
     loaded = load_records(out)
     assert all(r.important for r in loaded) and len(loaded) == 7
+    for r in loaded:  # the validator and the mask builder agree: every kept pair gives rows
+        ex = tokenize_example(r, bpe_tokenizer)
+        assert ex.rows and not ex.skipped, (r.input, ex.skipped)
 
     rejects = {json.loads(line)["record"]["input"].split(":")[0].split()[1]: json.loads(line)
                for line in (tmp_path / "out.rejects.jsonl").read_text().splitlines()}

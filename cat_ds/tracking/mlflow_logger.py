@@ -61,7 +61,8 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
             continue
         s = v if isinstance(v, str) else json.dumps(v, default=str)
         if len(s) > MAX_PARAM_LEN:
-            s = s[: MAX_PARAM_LEN - 20] + "...[truncated]"
+            mark = "...[truncated]"
+            s = s[: MAX_PARAM_LEN - len(mark)] + mark
         out[key[:MAX_KEY_LEN]] = s
     return out
 
