@@ -15,7 +15,8 @@ measured for each (variant, length) in a fresh child process that builds the sam
 batch: CPU: peak resident set (VmHWM, reset through /proc/self/clear_refs) minus the RSS before
 the step, with glibc's mmap threshold pinned (MALLOC_MMAP_THRESHOLD_) so freed buffers go back
 to the OS; CUDA: torch.cuda.max_memory_allocated minus memory_allocated before the step.
-Times: median of --repeat timed steps after one warm-up step, in this process (default malloc).
+Times: best of --repeat steps after one warm-up step, the variants interleaved round by round
+(medians are in the JSON too), in this process with the default malloc.
 """
 from __future__ import annotations
 
@@ -114,11 +115,10 @@ class PeakMemory:
         self.mb = (peak - self.start) / 2**20
 
 
-def time_variant(step, model, device, repeat: int) -> float:
-    model.zero_grad(set_to_none=True)
-    step()  # warm-up
-    times = []
-    for _ in range(repeat):
+def time_steps(steps: dict, model, device, repeat: int) -> dict[str, tuple[float, float]]:
+    """{name: (best ms, median ms)}: one warm-up each, then `repeat` rounds interleaving the
+    variants, so load from other processes on the machine hits them alike."""
+    def once(step) -> float:
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -126,9 +126,16 @@ def time_variant(step, model, device, repeat: int) -> float:
         step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1000)
+        return (time.perf_counter() - t0) * 1000
+
+    for step in steps.values():
+        once(step)
+    times = {name: [] for name in steps}
+    for _ in range(repeat):
+        for name, step in steps.items():
+            times[name].append(once(step))
     model.zero_grad(set_to_none=True)
-    return statistics.median(times)
+    return {name: (min(t), statistics.median(t)) for name, t in times.items()}
 
 
 def probe_memory(variant: str, seq: int, argv: list[str], device) -> float:
@@ -157,7 +164,8 @@ def main(argv=None):
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: float32 on CPU, bf16 on CUDA")
     ap.add_argument("--research-max-len", type=int, default=2048, help="skip the research step above this length")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--json", action="store_true", help="one JSON object per length")
     ap.add_argument("--memory-probe", choices=["base", "cat", "research"], help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else argv
@@ -170,6 +178,8 @@ def main(argv=None):
         child_argv.pop(child_argv.index("--seq-len"))
 
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                       num_hidden_layers=args.layers, num_attention_heads=args.n_heads,
@@ -217,11 +227,12 @@ def main(argv=None):
                 steps[args.memory_probe]()
             print(json.dumps({"peak_mb": mem.mb}))
             return
-        base_ms = time_variant(base_step, model, device, args.repeat)
-        cat_ms = time_variant(cat_step, model, device, args.repeat)
-        research_ms = research_mb = None
-        if seq <= args.research_max_len:
-            research_ms = time_variant(research_step, model, device, args.repeat)
+        if seq > args.research_max_len:
+            del steps["research"]
+        timed = time_steps(steps, model, device, args.repeat)
+        base_ms, cat_ms = timed["base"][0], timed["cat"][0]
+        research_ms = timed["research"][0] if "research" in timed else None
+        research_mb = None
         del mask
         base_mb = probe_memory("base", seq, child_argv, device)
         cat_mb = probe_memory("cat", seq, child_argv, device)
@@ -231,6 +242,7 @@ def main(argv=None):
                "research_ms": None if research_ms is None else round(research_ms, 1),
                "base_peak_mb": round(base_mb, 1), "cat_peak_mb": round(cat_mb, 1),
                "research_peak_mb": None if research_mb is None else round(research_mb, 1)}
+        rec.update({f"{k}_median_ms": round(v[1], 1) for k, v in timed.items()})
         if args.json:
             print(json.dumps({**rec, "model": shape}), flush=True)
         else:

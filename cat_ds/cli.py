@@ -260,7 +260,8 @@ def _tracking_uri(tracking_uri, store_root):
 @click.option("--metric", "metrics", multiple=True, help="Default: eval/iid/accuracy and eval/ood/accuracy.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Write compare.md and compare.png.")
 @click.option("--tracking-uri", default=None, help="Default: $MLFLOW_TRACKING_URI, else the local store under --store-root.")
-@click.option("--store-root", default="runs", type=click.Path(file_okay=False), help="Where the local SQLite store lives.")
+@click.option("--store-root", default="runs/mlflow", type=click.Path(file_okay=False),
+              help="Where the local SQLite store lives (training's default: OUTPUT_DIR/../mlflow).")
 def compare(experiments, run_ids, metrics, out_dir, tracking_uri, store_root):
     """Base vs CAT from MLflow: mean ± std over seeds per task, CAT minus base."""
     from cat_ds.tracking.compare import compare as run_compare
@@ -291,6 +292,63 @@ def tracking_sync(run_dirs, tracking_uri):
         except Exception as e:  # e.g. server still away: say which dir, nothing is lost
             raise click.ClickException(f"{d}: {type(e).__name__}: {e}") from None
         click.echo(f"{d}: pushed {n} event(s) to run {run_id}")
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--ds-config", default="ds_configs/zero3.json", show_default=True, help="DeepSpeed JSON (\"auto\" values filled).")
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="Processes on this node. Default: number of GPUs, or 1 on CPU.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Dotted override, e.g. --set train.lr=1e-4 (repeatable).")
+@click.option("--resume", type=click.Choice(["auto", "none"]), default="none", help="auto: continue from the latest checkpoint.")
+@click.option("--master-port", type=int, default=None, help="Rendezvous port (default: a free one).")
+def train(config, ds_config, nproc, overrides, resume, master_port):
+    """Train CONFIG on this node: runs cat_ds/train.py under torchrun with N processes."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from cat_ds.config import ConfigError, load_config
+    from cat_ds.engine.runner import check
+
+    if nproc is None:
+        import torch
+
+        nproc = max(1, torch.cuda.device_count())
+    try:  # fail here, in one process, before launching anything
+        check(load_config(config, list(overrides)), ds_config, nproc)
+    except ConfigError as e:
+        raise click.ClickException(f"config error: {e}") from None
+    if master_port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            master_port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(master_port), "-m", "cat_ds.train",
+           "--config", config, "--ds_config", ds_config, "--resume", resume]
+    if overrides:
+        cmd += ["--set", *overrides]
+    click.echo("+ " + " ".join(cmd), err=True)
+    env = {**os.environ}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(subprocess.call(cmd, env=env))
+
+
+@main.command("export")
+@click.argument("checkpoint_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--tag", default=None, help="Checkpoint tag (default: the one `latest` points to).")
+def export_cmd(checkpoint_dir, out_dir, tag):
+    """Consolidate a ZeRO checkpoint (run dir, its checkpoints/ or one step_* dir) into a Hugging
+    Face model directory (safetensors + tokenizer) that AutoModelForCausalLM.from_pretrained loads."""
+    from cat_ds.engine.export import export_checkpoint
+
+    try:
+        out = export_checkpoint(checkpoint_dir, out_dir, tag)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"exported {checkpoint_dir} -> {out}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ class ModelConfig:
     name_or_path: str | None = None  # Hugging Face name or local dir (pretrained weights)
     config: str | None = None  # config JSON for a random-init model (tests, demo, benchmarks)
     tokenizer: str | None = None  # default: name_or_path
+    train_tokenizer: str | None = None  # bpe | sentencepiece: train `tokenizer` on data.train if that dir is missing
     attn_implementation: str = "cat_sdpa"  # base and CAT use the same kernel: a fair comparison
     gradient_checkpointing: bool = False  # always non-reentrant (reentrant drops CAT gradients)
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU; or bf16 | fp32
@@ -88,7 +89,9 @@ class EvalConfig:
 class TrackingConfig:
     experiment: str = "cat-ds"
     run_name: str | None = None
-    mlflow_uri: str | None = None  # None: metrics.jsonl only
+    mlflow: bool = False  # also log to MLflow (metrics.jsonl is always written)
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else SQLite under store_root
+    store_root: str | None = None  # default: OUTPUT_DIR/../mlflow (shared by sibling runs, for compare)
 
 
 @dataclass
@@ -106,6 +109,7 @@ class Config:
 
 
 CHOICES = {
+    "model.train_tokenizer": (None, "bpe", "sentencepiece"),
     "model.dtype": ("auto", "bf16", "fp32"),
     "train.lm_normalization": ("micro", "global"),
     "cat.loss_type": ("div", "div2", "nll", "hinge"),
@@ -263,7 +267,7 @@ def validate(cfg: Config, src: str = "<config>", lines: dict[str, int] | None = 
         sec, name = key.split(".")
         v = getattr(getattr(cfg, sec), name)
         if v not in allowed:
-            err(key, f"expected one of {', '.join(allowed)}, got {v!r}")
+            err(key, f"expected one of {', '.join(map(str, allowed))}, got {v!r}")
     m, t = cfg.model, cfg.train
     if bool(m.name_or_path) == bool(m.config):
         err("model.name_or_path", "set exactly one of model.name_or_path (pretrained) and model.config (random init)")
@@ -340,7 +344,8 @@ def fill_ds_config(ds: dict, cfg: Config, *, world_size: int, total_steps: int |
         if opt.get(k) == "auto":
             opt[k] = v
     sched = ds.get("scheduler", {}).get("params", {})
-    for k, v in (("warmup_max_lr", t.lr), ("warmup_min_lr", 0.0), ("warmup_num_steps", t.warmup_steps),
+    # DeepSpeed's WarmupLR refuses 0 warmup steps (and warms up over at least 2): 0 means "minimal".
+    for k, v in (("warmup_max_lr", t.lr), ("warmup_min_lr", 0.0), ("warmup_num_steps", max(1, t.warmup_steps)),
                  ("total_num_steps", total_steps)):
         if sched.get(k) == "auto" and v is not None:
             sched[k] = v

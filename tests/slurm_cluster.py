@@ -109,6 +109,9 @@ class SlurmCluster:
             f"SlurmctldPort={_free_port()}",
             "SlurmUser=root", "SlurmdUser=root",
             "AuthType=auth/munge", "CredType=cred/munge",
+            # A requeued job may start only after the job credential expired (default 120 s
+            # + 1): keep the preemption test short.
+            "AuthInfo=cred_expire=10",
             f"StateSaveLocation={r}/state",
             f"SlurmdSpoolDir={r}/spool/%n",
             f"SlurmctldPidFile={r}/slurmctld.pid",
@@ -264,6 +267,10 @@ class SlurmCluster:
 
     def scontrol(self, *args: str) -> str:
         return self._run(["scontrol", *args]).stdout
+
+    def scancel_batch_signal(self, job_id: str, sig: str) -> None:
+        """Signal only the batch shell, as `--signal=B:SIG@N` does before the time limit."""
+        self._run(["scancel", "--batch", f"--signal={sig}", str(job_id)])
 
 
 @pytest.fixture(scope="session")

@@ -15,13 +15,14 @@ def _grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _run_cat(model, batch, *, alpha, loss_type, layers, heads, checkpointing):
+def _run_cat(model, batch, *, alpha, loss_type, layers, heads, checkpointing, chunk_elems):
     model.set_attn_implementation("cat_sdpa")
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         check_gradient_checkpointing(model)
-    ctx = CatContext.from_batch(batch, layers=layers, heads=heads, num_heads=model.config.num_attention_heads)
+    ctx = CatContext.from_batch(batch, layers=layers, heads=heads, num_heads=model.config.num_attention_heads,
+                                chunk_elems=chunk_elems)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], cat=ctx)
     lm = lm_loss(out.logits, batch["labels"])
     res = reattention_loss(ctx, alpha=alpha, loss_type=loss_type)
@@ -30,7 +31,7 @@ def _run_cat(model, batch, *, alpha, loss_type, layers, heads, checkpointing):
 
 
 def _check(family, gqa, loss_type, checkpointing, lengths, layers_spec="all", heads_spec="all", seed=0,
-           supervised=None):
+           supervised=None, chunk_elems=1 << 25):
     base = tiny_model(family, gqa, seed=seed)
     batch = make_batch(lengths, seed=seed, supervised=supervised)
     n_layers, n_heads = base.config.num_hidden_layers, base.config.num_attention_heads
@@ -51,7 +52,7 @@ def _check(family, gqa, loss_type, checkpointing, lengths, layers_spec="all", he
 
     cat_model = copy.deepcopy(base)
     lm, res, grads = _run_cat(cat_model, batch, alpha=alpha, loss_type=loss_type, layers=layers, heads=heads,
-                              checkpointing=checkpointing)
+                              checkpointing=checkpointing, chunk_elems=chunk_elems)
     assert 0 < int(res.active.sum()) < res.num_counted == len(ratios)
     assert abs(float(lm - ref_lm)) < TOL
     assert abs(float(res.loss - ref_cat)) < TOL, (float(res.loss), float(ref_cat))
@@ -84,3 +85,9 @@ def test_equivalence_sampled_heads_and_layers(family, checkpointing):
 
 def test_equivalence_with_unsupervised_record_in_batch():
     _check("llama", True, "div", checkpointing=False, lengths=[19, 25, 16], supervised=[True, False, True], seed=4)
+
+
+@pytest.mark.parametrize("heads_spec", ["all", 3])
+def test_equivalence_chunked_over_rows(heads_spec):
+    # chunk_elems so small that every supervised row is its own chunk
+    _check("qwen2", True, "div2", checkpointing=False, lengths=[24, 18], heads_spec=heads_spec, seed=6, chunk_elems=1)

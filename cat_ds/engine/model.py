@@ -66,7 +66,7 @@ def build_model(cfg: Config, ds_config: dict, *, on_gpu: bool, vocab_size: int |
     model.config.use_cache = False
     if cfg.model.gradient_checkpointing:
         # Non-reentrant: exact gradients for the side loss computed inside the block.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.cat.enabled:
         check_gradient_checkpointing(model)
     model.train()  # from_pretrained returns eval mode, where checkpointing is silently off

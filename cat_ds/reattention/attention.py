@@ -96,7 +96,6 @@ def causal_mass(query: torch.Tensor, key: torch.Tensor, ctx: CatContext, layer_i
     key_valid = None
     if ctx.key_padding_mask is not None:
         key_valid = ctx.key_padding_mask.to(device=query.device, dtype=torch.bool)[:, :seq]
-    k_pos = torch.arange(seq, device=query.device)
     step = max(1, ctx.chunk_elems // max(1, bsz * h * seq))
     row_parts, p_parts = [], []
     for s0 in range(0, idx.r_max, step):
@@ -107,16 +106,15 @@ def causal_mass(query: torch.Tensor, key: torch.Tensor, ctx: CatContext, layer_i
         else:
             scores = torch.matmul(q_sel[:, :, s0:s1], k_sel.transpose(-1, -2))  # (B, h, s, T)
         scores = scores.to(acc) * scaling
-        allowed = k_pos[None, None, :] <= idx.q_pad[:, s0:s1, None]  # (B, s, T)
-        if key_valid is not None:
-            allowed = allowed & key_valid[:, None, :]
-        allowed = allowed | ~idx.slot_valid[:, s0:s1, None]  # padded slots: anything finite, discarded
-        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+        scores = scores.masked_fill(idx.blocked_keys(s0, s1, key_valid)[:, None], float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)  # (B, h, s)
-        sel = (idx.nnz_slot >= s0) & (idx.nnz_slot < s1)
-        nb, ns, nc = idx.nnz_b[sel], idx.nnz_slot[sel] - s0, idx.cols[sel]
+        if s0 == 0 and s1 == idx.r_max:  # one chunk (the usual case): every causal column
+            nb, ns, nc, nr = idx.nnz_b, idx.nnz_slot, idx.cols, idx.nnz_row
+        else:
+            sel = ((idx.nnz_slot >= s0) & (idx.nnz_slot < s1)).nonzero().squeeze(1)
+            nb, ns, nc, nr = idx.nnz_b[sel], idx.nnz_slot[sel] - s0, idx.cols[sel], idx.nnz_row[sel]
         p_parts.append(torch.exp(scores[nb, :, ns, nc] - lse[nb, :, ns]))  # (n, h)
-        row_parts.append(idx.nnz_row[sel])
+        row_parts.append(nr)
     p = torch.cat(p_parts) if p_parts else query.new_zeros((0, h), dtype=acc)
     rows = torch.cat(row_parts) if row_parts else idx.nnz_row
     return torch.zeros((ctx.num_rows, h), dtype=acc, device=query.device).index_add(0, rows, p)
@@ -130,6 +128,10 @@ def cat_attention(module, query, key, value, attention_mask, dropout: float = 0.
     out = attention_output(query, key, value, attention_mask, dropout, scaling)
     layer_idx = getattr(module, "layer_idx", None)
     if cat is not None and cat.num_rows and layer_idx in cat.layers:
+        window = kwargs.get("sliding_window")
+        if window is not None and window < key.shape[2]:
+            raise ValueError(f"CAT does not support sliding-window attention (layer {layer_idx}: window {window} "
+                             f"< {key.shape[2]} tokens); select full-attention layers only")
         if query.shape[2] != key.shape[2]:
             raise ValueError("CAT supervision needs a full forward pass without a KV cache "
                              f"(layer {layer_idx}: q_len={query.shape[2]}, k_len={key.shape[2]})")

@@ -28,8 +28,20 @@ class _RowIndex:
     nnz_b: torch.Tensor  # (nnz,) batch index of each causal column
     nnz_slot: torch.Tensor  # (nnz,) slot of each causal column's row
     nnz_row: torch.Tensor  # (nnz,) row index of each causal column
+    seq_len: int
     cols: torch.Tensor  # (nnz,)
     r_max: int
+    blocked: dict = field(default_factory=dict)  # (s0, s1) -> (B, s, T) bool: key not allowed for the slot
+
+    def blocked_keys(self, s0: int, s1: int, key_valid: torch.Tensor | None) -> torch.Tensor:
+        """Keys a slot may not attend to (k > q, or padding); shared by every layer of the step."""
+        if (s0, s1) not in self.blocked:
+            k_pos = torch.arange(self.seq_len, device=self.q_pad.device)
+            allowed = k_pos[None, None, :] <= self.q_pad[:, s0:s1, None]
+            if key_valid is not None:
+                allowed = allowed & key_valid[:, None, :]
+            self.blocked[(s0, s1)] = ~(allowed | ~self.slot_valid[:, s0:s1, None])  # padded slots: discarded
+        return self.blocked[(s0, s1)]
 
 
 @dataclass
@@ -113,4 +125,4 @@ class CatContext:
         cols = self.cat_cols.to(device)
         if cols.numel() and bool((cols >= q[nnz_row]).any()):
             raise ValueError("cat_cols must be < the row's query position q (DESIGN.md)")
-        return _RowIndex(slot, q_pad, slot_valid, b[nnz_row], slot[nnz_row], nnz_row, cols, r_max)
+        return _RowIndex(slot, q_pad, slot_valid, b[nnz_row], slot[nnz_row], nnz_row, seq_len, cols, r_max)

@@ -275,3 +275,34 @@ class _SystemMetrics:
             out["system/gpu_query_failed"] = 1.0
             del exc
         return out
+
+
+def infer_task(train_paths) -> str:
+    """A task name for grouping runs (`compare`): the `task` of a generated set's meta.json,
+    "stg_h"/"stg" from the data path, else
+    the train file's directory name ("data/gsm8k/train.jsonl" -> "gsm8k")."""
+    paths = [train_paths] if isinstance(train_paths, (str, os.PathLike)) else list(train_paths or [])
+    if not paths:
+        return "unknown"
+    meta = Path(paths[0]).parent / "meta.json"  # written by `cat-ds data stg`
+    if meta.is_file():
+        try:
+            task = json.loads(meta.read_text()).get("task")
+        except (ValueError, AttributeError):
+            task = None
+        if isinstance(task, str) and task:
+            return task
+    parts = [p.lower() for p in Path(paths[0]).parts]
+    for p in parts:
+        if p.startswith("stg_h"):
+            return "stg_h"
+    for p in parts:
+        if p.startswith("stg"):
+            return "stg"
+    return Path(paths[0]).parent.name or Path(paths[0]).stem
+
+
+def run_tags(cfg) -> dict[str, str]:
+    """mode (base/cat), task and seed tags from a `cat_ds.config.Config`."""
+    task = getattr(cfg.tracking, "task", None) or infer_task(cfg.data.train)
+    return {"mode": "cat" if cfg.cat.enabled else "base", "task": task, "seed": str(cfg.train.seed)}

@@ -1,0 +1,163 @@
+"""Training-step throughput of base vs CAT through the real engine (DeepSpeed ZeRO-3, the
+same `Loop.train_step` that training runs).
+
+    .venv/bin/python bench/train_step.py --config configs/stg_tiny_cat.yaml          # CPU, real STG data
+    .venv/bin/python bench/train_step.py --config configs/stg_tiny_cat.yaml \\
+        --model-config bench/llama_1b.json --seq-len 2048 --micro-batch 4           # GPU: ~1B, bf16, synthetic
+
+Runs one process (world size 1; under `deepspeed`/`torchrun` it uses all ranks). For each mode
+(base, cat) it builds a fresh engine from the same config with only `cat.enabled` changed,
+runs --warmup steps, then times --steps optimizer steps.
+
+tokens/s counts real (non-padding) tokens. MFU = achieved model FLOPs / peak, with model FLOPs
+per processed (padded) token = 6 x non-embedding parameters + 12 x layers x hidden x seq_len
+(the usual forward+backward estimate; the CAT side computation is *not* counted, so CAT's
+extra work shows as lower MFU). Peak: --peak-tflops, else 989 (H100 bf16 dense) on CUDA, else
+a measured fp32 matmul rate of this CPU with the current thread count.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def measured_cpu_peak(n: int = 1024, reps: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+class SyntheticBatches:
+    """Fixed-length synthetic micro-batches: random tokens, the last quarter labelled, and
+    `rows` supervised rows per sample with 8 causal columns each (like a long CAT record)."""
+
+    def __init__(self, vocab: int, seq_len: int, micro: int, accum: int, rows: int, seed: int = 0):
+        from cat_ds.data.collate import CatCollator
+
+        g = torch.Generator().manual_seed(seed)
+        self.steps_per_epoch, self.global_batch = 10**9, micro * accum
+        exs = []
+        for _ in range(micro):
+            ids = torch.randint(2, vocab, (seq_len,), generator=g).tolist()
+            ans = seq_len * 3 // 4
+            qs = sorted(set(torch.randint(64, seq_len - 1, (rows,), generator=g).tolist()))
+            exs.append({"input_ids": ids, "labels": [-100] * ans + ids[ans:], "cat_q": qs,
+                        "cat_cols": [sorted(set(torch.randint(0, q - 1, (8,), generator=g).tolist())) for q in qs]})
+        self.mb = CatCollator(pad_token_id=0)(exs)
+        self.accum = accum
+
+    def step(self, step: int):
+        return [self.mb for _ in range(self.accum)]
+
+
+def model_flops_per_token(mc, seq_len: float) -> float:
+    n = sum(p.numel() for name, p in _param_shapes(mc) if "embed" not in name and "lm_head" not in name)
+    return 6 * n + 12 * mc.num_hidden_layers * mc.hidden_size * seq_len
+
+
+def _param_shapes(mc):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(mc)
+    return list(m.named_parameters())
+
+
+def run_mode(cfg, ds_path: str, args, info) -> dict:
+    from cat_ds.engine.loop import Loop
+    from cat_ds.engine.runner import setup
+    from cat_ds.tracking.base import NullLogger
+
+    engine, batches, tok, ds, total, info = setup(cfg, ds_path, info)
+    mc = engine.module.config
+    if args.seq_len:
+        batches = SyntheticBatches(mc.vocab_size, args.seq_len, cfg.train.micro_batch_size, cfg.train.grad_accum,
+                                   args.rows)
+    loop = Loop(cfg, engine, batches, tok, info=info, total_steps=10**9, logger=NullLogger(), evaluate=None)
+    for s in range(args.warmup):
+        loop.train_step(s, False)
+    real = padded = 0
+    seq_sum = 0.0
+    if info.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for s in range(args.warmup, args.warmup + args.steps):
+        for mb in batches.step(s):
+            real += int(mb["attention_mask"].sum())
+            padded += mb["input_ids"].numel()
+            seq_sum += mb["input_ids"].shape[1] * mb["input_ids"].numel()
+        loop.train_step(s, False)
+    if info.device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    world = info.world_size
+    flops = model_flops_per_token(mc, seq_sum / padded) * padded * world
+    return {"mode": "cat" if cfg.cat.enabled else "base", "step_s": dt / args.steps,
+            "tokens_per_s": real * world / dt, "padded_tokens_per_s": padded * world / dt,
+            "achieved_tflops": flops / dt / 1e12, "mean_seq_len": seq_sum / padded}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/stg_tiny_cat.yaml")
+    p.add_argument("--ds_config", default="ds_configs/zero3.json")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[])
+    p.add_argument("--model-config", default=None, help="random-init model JSON (overrides the config's model)")
+    p.add_argument("--seq-len", type=int, default=0, help="synthetic fixed-length batches (0: the config's data)")
+    p.add_argument("--rows", type=int, default=32, help="supervised rows per synthetic sample")
+    p.add_argument("--micro-batch", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--modes", default="base,cat")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    from cat_ds.config import load_config
+    from cat_ds.engine.distributed import init_distributed
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    info = init_distributed()
+    over = list(args.overrides) + ["train.grad_accum=1", "train.save_every=0", "train.export=false",
+                                   f"output_dir=runs/bench_train_step"]
+    if args.model_config:
+        over += [f"model.config={args.model_config}"]
+    if args.micro_batch:
+        over += [f"train.micro_batch_size={args.micro_batch}"]
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else (
+        989e12 if info.device.type == "cuda" else measured_cpu_peak())
+    results = []
+    for mode in args.modes.split(","):
+        cfg = load_config(args.config, over + [f"cat.enabled={'true' if mode == 'cat' else 'false'}"])
+        r = run_mode(cfg, args.ds_config, args, info)
+        r["mfu"] = r["achieved_tflops"] * 1e12 / (peak * info.world_size)
+        results.append(r)
+    if info.is_main:
+        print(f"device: {info.device.type}, world size {info.world_size}, threads {torch.get_num_threads()}, "
+              f"peak {peak / 1e12:.3f} TFLOP/s per rank ({'given' if args.peak_tflops else 'H100 bf16' if info.device.type == 'cuda' else 'measured fp32 matmul'})")
+        print(f"{'mode':<5} {'step s':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>7}")
+        for r in results:
+            print(f"{r['mode']:<5} {r['step_s']:>8.3f} {r['tokens_per_s']:>10.0f} {r['achieved_tflops']:>8.4f} "
+                  f"{r['mfu']:>7.1%}")
+        if len(results) == 2:
+            print(f"CAT / base tokens/s: {results[1]['tokens_per_s'] / results[0]['tokens_per_s']:.3f}")
+        if args.json:
+            print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

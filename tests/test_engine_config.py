@@ -1,0 +1,109 @@
+"""Run configs: strict typed loading, --set overrides, ds_config "auto" filling and batch
+arithmetic, and clear errors before any model is loaded. Fast (no DeepSpeed run)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cat_ds.config import ConfigError, fill_ds_config, load_config, load_ds_config, unresolved_auto
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD = """\
+output_dir: runs/x
+model:
+  config: configs/models/tiny_llama.json
+  tokenizer: tok/
+data:
+  train: data/x.jsonl
+train:
+  micro_batch_size: 4
+  grad_accum: 2
+  lr: 1e-4
+cat:
+  enabled: true
+  heads: 2
+"""
+
+
+def _write(tmp_path, text, name="c.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_good_config_types_and_overrides(tmp_path):
+    cfg = load_config(_write(tmp_path, GOOD), ["train.lr=3e-4", "cat.layers=last 2", "data.eval.iid=a.jsonl",
+                                              "train.max_steps=7"])
+    assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)  # YAML "1e-4"-style strings coerced
+    assert cfg.train.max_steps == 7 and cfg.cat.heads == 2 and cfg.cat.layers == "last 2"
+    assert cfg.data.train == ["data/x.jsonl"] and cfg.data.eval == {"iid": "a.jsonl"}
+
+
+def test_unknown_key_names_key_file_and_line(tmp_path):
+    p = _write(tmp_path, GOOD.replace("  lr: 1e-4", "  lr: 1e-4\n  learning_rate: 1e-4"))
+    with pytest.raises(ConfigError, match=r"c\.yaml:11: unknown key 'train\.learning_rate'"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"unknown key 'cat\.head'"):
+        load_config(_write(tmp_path, GOOD, "d.yaml"), ["cat.head=3"])
+
+
+def test_wrong_type_names_key(tmp_path):
+    p = _write(tmp_path, GOOD.replace("micro_batch_size: 4", "micro_batch_size: four"))
+    with pytest.raises(ConfigError, match=r"c\.yaml:8: train\.micro_batch_size: expected an integer, got 'four'"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"cat\.enabled: expected a boolean"):
+        load_config(_write(tmp_path, GOOD, "d.yaml"), ["cat.enabled=maybe"])
+    with pytest.raises(ConfigError, match=r"cat\.normalization: expected one of micro, global"):
+        load_config(_write(tmp_path, GOOD, "e.yaml"), ["cat.normalization=macro"])
+
+
+def test_ds_config_auto_filling_and_batch_arithmetic(tmp_path):
+    cfg = load_config(_write(tmp_path, GOOD))
+    ds = fill_ds_config(load_ds_config(REPO / "ds_configs/zero3.json"), cfg, world_size=2, total_steps=100,
+                        hidden_size=64)
+    assert ds["train_batch_size"] == 4 * 2 * 2 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 2 and ds["optimizer"]["params"]["lr"] == 1e-4
+    assert ds["optimizer"]["params"]["torch_adam"] is True  # no FusedAdam compile on CPU
+    assert ds["bf16"]["enabled"] is False  # CPU: fp32
+    assert fill_ds_config(ds, cfg, world_size=2, on_gpu=True)["bf16"]["enabled"] is False  # already filled
+    assert fill_ds_config(load_ds_config(REPO / "ds_configs/zero3.json"), cfg, world_size=2,
+                          on_gpu=True)["bf16"]["enabled"] is True
+    assert ds["scheduler"]["params"]["total_num_steps"] == 100 and unresolved_auto(ds) == []
+    bad = {**load_ds_config(REPO / "ds_configs/zero3.json"), "train_batch_size": 12}
+    with pytest.raises(ConfigError, match=r"train_batch_size = 12 disagrees .* micro_batch_size 4 x grad_accum 2 x "
+                                          r"world_size 2 = 16"):
+        fill_ds_config(bad, cfg, world_size=2)
+
+
+def test_train_entry_rejects_bad_config_before_loading_anything(tmp_path):
+    """Inconsistent batch sizes through the real entry point: exit 2, a clear message, and no
+    model, data or process group touched (the model path does not even exist)."""
+    cfg = _write(tmp_path, GOOD.replace("config: configs/models/tiny_llama.json", "config: /nonexistent/model.json"))
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({**load_ds_config(REPO / "ds_configs/zero3.json"), "train_batch_size": 7}))
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "cat_ds/train.py", "--config", str(cfg), "--ds_config", str(ds)],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert "config error" in p.stderr and "train_batch_size = 7 disagrees" in p.stderr
+    assert "nonexistent" not in p.stderr and "Traceback" not in p.stderr
+    assert time.time() - t0 < 60
+    p = subprocess.run([sys.executable, "cat_ds/train.py", "--config", str(cfg), "--set", "train.lr=fast"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert "train.lr: expected a number, got 'fast'" in p.stderr
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    for ds_path in sorted((REPO / "ds_configs").glob("*.json")):
+        for world in (1, 2, 8):
+            ds = fill_ds_config(load_ds_config(ds_path), cfg, world_size=world, total_steps=10, hidden_size=64)
+            assert unresolved_auto(ds) == [], (path.name, ds_path.name)
+    assert cfg.cat.enabled in (True, False)

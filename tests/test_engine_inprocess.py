@@ -1,0 +1,115 @@
+"""The engine built in this process (1 rank, gloo, real DeepSpeed ZeRO-3): gradient
+checkpointing really runs during training, and the exported model reproduces the engine's logits."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from engine_helpers import REPO, free_port, write_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def engine_run(tmp_path_factory, stg_dir, bpe_tokenizer):
+    from cat_ds.config import load_config
+    from cat_ds.engine.distributed import init_distributed, shutdown
+    from cat_ds.engine.runner import setup
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    saved_env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    excepthook = __import__("sys").excepthook
+    tmp = tmp_path_factory.mktemp("engine_inproc")
+    cfg = load_config(write_config(tmp, "run", stg_dir=stg_dir, tokenizer_dir=bpe_tokenizer.name_or_path,
+                                   model={"gradient_checkpointing": True}, train={"max_steps": 3, "grad_accum": 2}))
+    info = init_distributed()
+    engine, batches, tok, ds, total, info = setup(cfg, str(REPO / "ds_configs/zero3.json"), info)
+    try:
+        yield cfg, engine, batches, tok, info
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        __import__("sys").excepthook = excepthook
+        unset_hf_deepspeed_config()
+        shutdown()
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _loop(cfg, engine, batches, tok, info, total=3):
+    from cat_ds.engine.loop import Loop
+    from cat_ds.tracking.base import NullLogger
+
+    return Loop(cfg, engine, batches, tok, info=info, total_steps=total, logger=NullLogger(), evaluate=None)
+
+
+def _count_layer_calls(model) -> tuple[list[int], list]:
+    calls = [0]
+    # Hooks on the decoder layer itself stay outside the checkpoint (transformers checkpoints
+    # `forward`), so count the attention module inside it; a pre-hook, because non-reentrant
+    # recomputation stops early once the saved tensors are rebuilt.
+    hooks = [layer.self_attn.register_forward_pre_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+             for layer in model.model.layers]
+    return calls, hooks
+
+
+def test_gradient_checkpointing_recomputes_during_training(engine_run):
+    from cat_ds.engine.model import gradient_checkpointing_active
+
+    cfg, engine, batches, tok, info = engine_run
+    model = engine.module
+    n_layers, accum = len(model.model.layers), cfg.train.grad_accum
+    assert model.training and gradient_checkpointing_active(model)
+    loop = _loop(cfg, engine, batches, tok, info)
+    calls, hooks = _count_layer_calls(model)
+    try:
+        loop.train_step(0, False)
+        assert calls[0] == 2 * n_layers * accum  # forward + recomputation in backward, per micro-batch
+        model.activation_checkpointing_disable()
+        calls[0] = 0
+        loop.train_step(1, False)
+        assert calls[0] == n_layers * accum  # control: without checkpointing, one call per layer
+    finally:
+        for h in hooks:
+            h.remove()
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.eval()  # the trap: eval mode silently switches checkpointing off ...
+    assert not gradient_checkpointing_active(model)
+    model.train()
+
+
+def test_export_round_trip_logits_equal(engine_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from cat_ds.engine.checkpoint import checkpoint_root
+    from cat_ds.engine.export import export_checkpoint
+
+    cfg, engine, batches, tok, info = engine_run
+    loop = _loop(cfg, engine, batches, tok, info, total=3)
+    assert loop.run(start_step=2) == "finished"  # one more step, then the final checkpoint
+    batch = batches.step(0)[0]
+    engine.module.eval()
+    with torch.no_grad():
+        ref = engine.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    engine.module.train()
+    out = export_checkpoint(checkpoint_root(cfg.output_dir), tmp_path / "export")
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    model.eval()
+    with torch.no_grad():
+        got = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert ref.dtype == got.dtype == torch.float32
+    # Real tokens only: the engine's "cat_sdpa" runs right-padded batches with the plain causal
+    # kernel (exact on real tokens), the exported model's default sdpa masks padding, so the
+    # logits at padded positions (never used) differ by design.
+    real = batch["attention_mask"].bool()
+    assert bool((~real).any())  # the batch does have padding
+    torch.testing.assert_close(got[real], ref[real], rtol=0, atol=1e-5)
