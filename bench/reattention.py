@@ -16,7 +16,7 @@ batch: CPU: peak resident set (VmHWM, reset through /proc/self/clear_refs) minus
 the step, with glibc's mmap threshold pinned (MALLOC_MMAP_THRESHOLD_) so freed buffers go back
 to the OS; CUDA: torch.cuda.max_memory_allocated minus memory_allocated before the step.
 Times: best of --repeat steps after one warm-up step, the variants interleaved round by round
-(medians are in the JSON too), in this process with the default malloc.
+(medians and process CPU times are in the JSON too), in this process with the default malloc.
 """
 from __future__ import annotations
 
@@ -115,18 +115,20 @@ class PeakMemory:
         self.mb = (peak - self.start) / 2**20
 
 
-def time_steps(steps: dict, model, device, repeat: int) -> dict[str, tuple[float, float]]:
-    """{name: (best ms, median ms)}: one warm-up each, then `repeat` rounds interleaving the
-    variants, so load from other processes on the machine hits them alike."""
-    def once(step) -> float:
+def time_steps(steps: dict, model, device, repeat: int) -> dict[str, dict[str, float]]:
+    """{name: {best, median, cpu}} in ms: one warm-up each, then `repeat` rounds interleaving
+    the variants, so load from other processes hits them alike. `cpu` is the best process CPU
+    time (user + sys) of a step: on a shared CPU machine it is what the step itself costs,
+    where wall time also counts the time other processes held the cores."""
+    def once(step) -> tuple[float, float]:
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return (time.perf_counter() - t0) * 1000
+        return (time.perf_counter() - t0) * 1000, (time.process_time() - c0) * 1000
 
     for step in steps.values():
         once(step)
@@ -135,7 +137,8 @@ def time_steps(steps: dict, model, device, repeat: int) -> dict[str, tuple[float
         for name, step in steps.items():
             times[name].append(once(step))
     model.zero_grad(set_to_none=True)
-    return {name: (min(t), statistics.median(t)) for name, t in times.items()}
+    return {name: {"best": min(w for w, _ in t), "median": statistics.median(w for w, _ in t),
+                   "cpu": min(c for _, c in t)} for name, t in times.items()}
 
 
 def probe_memory(variant: str, seq: int, argv: list[str], device) -> float:
@@ -195,7 +198,7 @@ def main(argv=None):
     if not args.json and not args.memory_probe:
         print(shape)
         print(f"{'T':>6} {'base ms':>9} {'cat ms':>9} {'research ms':>12} {'cat/base':>9} {'res/cat':>8} "
-              f"{'base MB':>9} {'cat MB':>9} {'research MB':>12}")
+              f"{'cpu cat/base':>13} {'cpu res/cat':>12} {'base MB':>9} {'cat MB':>9} {'research MB':>12}")
     for seq in args.seq_len:
         batch = make_batch(args.batch_size, seq, args.rows, args.cols, args.vocab, seed=seq, device=device)
         layers, heads = select(args.layers, args.n_heads, heads=args.heads, seed=0, step=0)
@@ -230,8 +233,8 @@ def main(argv=None):
         if seq > args.research_max_len:
             del steps["research"]
         timed = time_steps(steps, model, device, args.repeat)
-        base_ms, cat_ms = timed["base"][0], timed["cat"][0]
-        research_ms = timed["research"][0] if "research" in timed else None
+        base_ms, cat_ms = timed["base"]["best"], timed["cat"]["best"]
+        research_ms = timed["research"]["best"] if "research" in timed else None
         research_mb = None
         del mask
         base_mb = probe_memory("base", seq, child_argv, device)
@@ -242,13 +245,17 @@ def main(argv=None):
                "research_ms": None if research_ms is None else round(research_ms, 1),
                "base_peak_mb": round(base_mb, 1), "cat_peak_mb": round(cat_mb, 1),
                "research_peak_mb": None if research_mb is None else round(research_mb, 1)}
-        rec.update({f"{k}_median_ms": round(v[1], 1) for k, v in timed.items()})
+        for k, v in timed.items():
+            rec.update({f"{k}_median_ms": round(v["median"], 1), f"{k}_cpu_ms": round(v["cpu"], 1)})
         if args.json:
             print(json.dumps({**rec, "model": shape}), flush=True)
         else:
             fmt = lambda v, w, p=1: f"{v:>{w}.{p}f}" if v is not None else f"{'skipped':>{w}}"  # noqa: E731
             print(f"{seq:>6} {fmt(base_ms, 9)} {fmt(cat_ms, 9)} {fmt(research_ms, 12)} {fmt(cat_ms / base_ms, 9, 3)} "
-                  f"{fmt(research_ms / cat_ms if research_ms else None, 8, 2)} {fmt(base_mb, 9)} {fmt(cat_mb, 9)} "
+                  f"{fmt(research_ms / cat_ms if research_ms else None, 8, 2)} "
+                  f"{fmt(rec['cat_cpu_ms'] / rec['base_cpu_ms'], 13, 3)} "
+                  f"{fmt(rec['research_cpu_ms'] / rec['cat_cpu_ms'] if research_ms else None, 12, 2)} "
+                  f"{fmt(base_mb, 9)} {fmt(cat_mb, 9)} "
                   f"{fmt(research_mb, 12)}", flush=True)
 
 

@@ -81,9 +81,41 @@ def numbers_record(rng: random.Random, names: list[str]) -> CatRecord:
     return CatRecord(f"Here is some data. {items}. Question: {q} Answer: ", a, None)
 
 
-def numbers_corpus(n: int, seed: int, names: list[str]) -> list[CatRecord]:
+def make_rules(rng: random.Random, names: list[str], n_rules: int) -> list[tuple[list[str], list[float], float]]:
+    """Fixed threshold rules "w1 x A + w2 x B (+ w3 x C) > t", t at the median of the score."""
+    rules = []
+    for _ in range(n_rules):
+        chosen = rng.sample(names, rng.randint(2, 3))
+        weights = [rng.choice([-2.0, -1.5, -1.0, -0.5, 0.5, 1.0, 1.5, 2.0]) for _ in chosen]
+        scores = sorted(sum(w * rng.randint(1, 10) for w in weights) for _ in range(501))
+        rules.append((chosen, weights, scores[250]))
+    return rules
+
+
+def rule_record(rng: random.Random, names: list[str], rules) -> CatRecord:
+    """One example of a fixed rule named by its header ("Task 1xx."): 6-8 independent items that
+    include the rule's items; the answer is whether the rule's weighted sum passes its threshold."""
+    k = rng.randrange(len(rules))
+    chosen, weights, t = rules[k]
+    others = rng.sample([n for n in names if n not in chosen], rng.randint(6, 8) - len(chosen))
+    items = chosen + others
+    rng.shuffle(items)
+    vals = {n: rng.randint(1, 10) for n in items}
+    a = "Yes" if sum(w * vals[n] for n, w in zip(chosen, weights)) > t else "No"
+    return CatRecord(f"Task {100 + k}. Here is some data. " + ", ".join(f"{n}: {vals[n]}" for n in items) + " Answer: ",
+                     a, None)
+
+
+def numbers_corpus(n: int, seed: int, names: list[str], kind: str = "questions", n_rules: int = 32,
+                   rule_seed: int = 0) -> list[CatRecord]:
+    """`questions`: `numbers_record`; `rules`: `rule_record` over `n_rules` fixed rules; `mix`: half each."""
     rng = random.Random(f"cat-ds/numbers/{seed}")
-    return [numbers_record(rng, names) for _ in range(n)]
+    rules = make_rules(random.Random(f"cat-ds/rules/{rule_seed}"), names, n_rules)
+    out = []
+    for i in range(n):
+        use_rule = kind == "rules" or (kind == "mix" and i % 2 == 1)
+        out.append(rule_record(rng, names, rules) if use_rule else numbers_record(rng, names))
+    return out
 
 
 # ------------------------------------------------------------------ model, training
@@ -243,6 +275,8 @@ def parse_args(argv=None):
     a("--pretrain-batch-size", type=int, default=64)
     a("--pretrain-names", default="generic", choices=["generic", "generic+stg"])
     a("--pretrain-seed", type=int, default=0)
+    a("--pretrain-task", default="questions", choices=["questions", "rules", "mix"])
+    a("--pretrain-rules", type=int, default=32, help="number of fixed rules for --pretrain-task rules/mix")
     a("--eval-train", action="store_true", help="also report train accuracy")
     a("--verbose", action="store_true")
     return ap.parse_args(argv)
@@ -273,7 +307,7 @@ def main(argv=None) -> None:
     pre_state, pre_s = None, 0.0
     if args.pretrain_steps:
         key = json.dumps([args.pretrain_steps, args.pretrain_lr, args.pretrain_batch_size, args.pretrain_names,
-                          args.pretrain_seed, args.layers, args.hidden, args.heads, args.ffn, args.vocab,
+                          args.pretrain_seed, args.pretrain_task, args.pretrain_rules, args.layers, args.hidden, args.heads, args.ffn, args.vocab,
                           args.weight_decay, args.warmup, args.schedule, args.clip])
         ckpt = out / f"pretrained_{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
         if ckpt.exists():
@@ -283,13 +317,15 @@ def main(argv=None) -> None:
             t1 = time.time()
             model = build_model(args, tok, args.pretrain_seed)
             n = args.pretrain_steps * args.pretrain_batch_size
-            pre_ex = [tokenize_example(r, tok) for r in numbers_corpus(n, args.pretrain_seed, names)]
+            pre_ex = [tokenize_example(r, tok) for r in numbers_corpus(n, args.pretrain_seed, names, args.pretrain_task,
+                                                                   args.pretrain_rules, args.pretrain_seed)]
             st = train(model, pre_ex, collate, epochs=1, lr=args.pretrain_lr, batch_size=args.pretrain_batch_size,
                        seed=args.pretrain_seed, args=args, cat=False, tag="pretrain")
             pre_s = time.time() - t1
             pre_state = model.state_dict()
             torch.save(pre_state, ckpt)
-            probe = numbers_corpus(400, args.pretrain_seed + 1000, names)
+            probe = numbers_corpus(400, args.pretrain_seed + 1000, names, args.pretrain_task, args.pretrain_rules,
+                                   args.pretrain_seed)  # unseen examples of the same rules
             pre_acc = evaluate(model, tok, probe, stg=False)["acc"]
             ckpt.with_suffix(".json").write_text(json.dumps({"pretrain_s": pre_s, "lm_loss": st["lm_loss"],
                                                              "probe_acc": pre_acc, "key": key}) + "\n")

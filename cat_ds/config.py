@@ -83,6 +83,10 @@ class EvalConfig:
     max_new_tokens: int | None = None  # None: derived from the targets
     scorer: str = "exact"
     limit: int | None = None  # evaluate only the first N records of each set
+    newline_cut: bool | None = None  # cut at the first newline; None: on unless a target has one / gsm8k
+    probe_size: int = 16  # supervised train records scored for per-layer attention ratios; 0: off
+    best_metric: str | None = None  # e.g. eval/ood/accuracy: keep OUTPUT_DIR/best/checkpoints (one)
+    best_mode: str = "max"  # max | min
 
 
 @dataclass
@@ -115,6 +119,7 @@ CHOICES = {
     "cat.loss_type": ("div", "div2", "nll", "hinge"),
     "cat.amplitude": ("epoch", "step", "constant"),
     "cat.normalization": ("micro", "global"),
+    "eval.best_mode": ("max", "min"),
 }
 AMPLITUDE_SCHEDULES = {"epoch": "exp", "step": "exp_step", "constant": "constant"}  # -> reattention.amplitude
 

@@ -50,10 +50,14 @@ def free_port() -> int:
 
 
 def launch(config: Path, nproc: int, *args: str, env: dict | None = None, timeout: float = 300,
-           ds_config: str = "ds_configs/zero3.json") -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus N cat_ds/train.py ...` exactly as a user runs it (CPU: N processes)."""
-    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
-           "cat_ds/train.py", "--ds_config", ds_config, "--config", str(config), *args]
+           ds_config: str = "ds_configs/zero3.json", launcher: str = "deepspeed") -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N cat_ds/train.py ...` (or torchrun) exactly as a user runs it (CPU: N processes)."""
+    if launcher == "deepspeed":
+        head = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port())]
+    else:  # torchrun: lighter to start (the launcher itself does not import DeepSpeed)
+        head = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    cmd = [*head, "cat_ds/train.py", "--ds_config", ds_config, "--config", str(config), *args]
     e = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     t0 = time.time()
     p = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)

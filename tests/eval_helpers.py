@@ -1,27 +1,15 @@
-"""Tiny tokenizers/models/records for the evaluation and tracking tests (no downloads).
-Built with the project's own tokenizer trainer (both families) and a random tiny Llama."""
+"""Tiny models/records for the evaluation tests (no downloads): a tiny Llama sized for the
+conftest tokenizers, and a few plain-torch training steps so it answers for real."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from cat_ds.data.records import write_jsonl
 from cat_ds.data.stg import generate_split
-from cat_ds.data.tokenizers import train_tokenizer
 
 
 def stg_records(n: int, seed: int = 0, split: str = "train") -> list[dict]:
     return generate_split("stg", split, n, seed=seed)
-
-
-def tiny_tokenizer(tmp: Path, kind: str, vocab_size: int = 400):
-    data = tmp / "tok_train.jsonl"
-    if not data.exists():
-        recs = stg_records(200) + generate_split("stg_h", "train", 100, seed=1)
-        write_jsonl(recs, data)
-    return train_tokenizer([data], kind, vocab_size, tmp / f"tok_{kind}")
 
 
 def tiny_model(tokenizer, seed: int = 0, attn: str = "sdpa", layers: int = 2):

@@ -35,12 +35,13 @@ class SlurmUnavailable(RuntimeError):
 
 def ensure_installed() -> None:
     """apt-get install the daemons and clients if any binary is missing (idempotent)."""
+    if os.geteuid() != 0:  # SlurmUser/SlurmdUser=root, munged via runuser, /etc/hosts
+        raise SlurmUnavailable("the test cluster's daemons must be started as root")
     if all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged")):
         return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise SlurmUnavailable(
-            "Slurm/munge binaries are missing and cannot be installed here (needs root and "
-            f"apt-get): apt-get install {' '.join(PACKAGES)}")
+    if not shutil.which("apt-get"):
+        raise SlurmUnavailable("Slurm/munge binaries are missing and there is no apt-get to "
+                               f"install them: apt-get install {' '.join(PACKAGES)}")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for cmd in (["apt-get", "update", "-qq"],
                 ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
@@ -162,6 +163,14 @@ class SlurmCluster:
         self._wait(self._nodes_idle, timeout, "nodes n1 and n2 to be idle")
 
     def stop(self) -> None:
+        """Cancel what still runs (a failed test), stop the daemons, end stray job processes."""
+        if "slurmctld" in self._procs and self._procs["slurmctld"].poll() is None:
+            self._run(["scancel", "--partition=debug"], check=False)
+            end = time.monotonic() + 30
+            # squeue lists pending, running and completing jobs only.
+            while time.monotonic() < end and self._run(["squeue", "-h", "-o", "%i"],
+                                                       check=False).stdout.strip():
+                time.sleep(1)
         for name in reversed(list(self._procs)):
             p = self._procs.pop(name)
             if p.poll() is None:
@@ -171,32 +180,31 @@ class SlurmCluster:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait(timeout=5)
-        self._kill_leftover_job_processes()
+        self._kill_stray_job_processes()
         for f in self._files:
             f.close()
+
+    def _kill_stray_job_processes(self) -> None:
+        """Job processes (slurmstepd, the batch shell, launchers, ranks) left behind: every one
+        of them carries SLURM_CONF=<our conf> in its environment, nothing else does."""
+        marker = f"SLURM_CONF={self.conf}".encode()
+        for pid_dir in Path("/proc").iterdir():
+            if not pid_dir.name.isdigit() or int(pid_dir.name) == os.getpid():
+                continue
+            try:
+                env = (pid_dir / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if marker in env:
+                try:
+                    os.kill(int(pid_dir.name), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def _errfile(self, name: str):
         f = open(self.root / f"{name}.err", "w")
         self._files.append(f)
         return f
-
-    def _kill_leftover_job_processes(self) -> None:
-        """slurmstepd processes of jobs still running when the daemons stopped: end them
-        (only those whose command line points at our own slurm.conf or spool)."""
-        marker = str(self.root)
-        for pid_dir in Path("/proc").iterdir():
-            if not pid_dir.name.isdigit():
-                continue
-            try:
-                cmd = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                env = (pid_dir / "environ").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if cmd.startswith("slurmstepd") and marker in env:
-                try:
-                    os.kill(int(pid_dir.name), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
 
     # ---- helpers -----------------------------------------------------------------------
     def _run(self, cmd: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -264,9 +272,6 @@ class SlurmCluster:
                                    f"{[(j['JobId'], j['JobState']) for j in jobs]}\n"
                                    f"{self.daemon_logs()}")
             time.sleep(1)
-
-    def scontrol(self, *args: str) -> str:
-        return self._run(["scontrol", *args]).stdout
 
     def scancel_batch_signal(self, job_id: str, sig: str) -> None:
         """Signal only the batch shell, as `--signal=B:SIG@N` does before the time limit."""

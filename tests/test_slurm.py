@@ -70,6 +70,18 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
+def _steps_so_far(run_dir: Path) -> int:
+    """Last optimizer step in a metrics.jsonl being written (a half-written line is skipped)."""
+    path, last = run_dir / "metrics.jsonl", 0
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        last = max(last, row["step"] if "loss" in row else 0)
+    return last
+
+
 @pytest.fixture(scope="module")
 def full_run(slurm_cluster, workdir):  # noqa: F811
     """One uninterrupted 2-node run: test (1), and the reference for the preemption test."""
@@ -106,8 +118,7 @@ def test_preempt_usr1_checkpoints_requeues_and_resumes(slurm_cluster, workdir, f
     log_name = f"cat-ds-{job_id}.out"
     deadline = time.monotonic() + 300
     while True:  # signal once a few steps are done
-        steps = [r["step"] for r in _metrics(run) if "loss" in r] if (run / "metrics.jsonl").exists() else []
-        if steps and steps[-1] >= 3:
+        if _steps_so_far(run) >= 3:
             break
         (job,) = slurm_cluster.job(job_id)
         assert job["JobState"] in ("PENDING", "RUNNING") and time.monotonic() < deadline, (
@@ -135,7 +146,7 @@ def test_preempt_usr1_checkpoints_requeues_and_resumes(slurm_cluster, workdir, f
 def test_sweep_two_seeds_four_runs_compare(slurm_cluster, workdir):  # noqa: F811
     """2 modes x 2 seeds as a job array; `cat-ds compare` reads all four from one experiment."""
     job_id = _submit(slurm_cluster, workdir, "sweep.sbatch", ["--array=0-3"],
-                     ["--set", "train.max_steps=4", "train.save_every=0", "eval.limit=10"],
+                     ["--set", "train.max_steps=4", "train.save_every=0", "train.export=false", "eval.limit=10"],
                      env={"SEEDS": "0 1", "SWEEP_DIR": "runs/sweep", "EXPERIMENT": "slurm-sweep",
                           "MLFLOW_TRACKING_URI": ""})
     tasks = slurm_cluster.wait(job_id, timeout=600)

@@ -60,6 +60,7 @@ cat:
 eval:
   every: 30
   batch_size: 8
+  best_metric: eval/ood/accuracy
 tracking:
   mlflow: true
   experiment: engine
@@ -113,6 +114,14 @@ tracking:
         local = client.download_artifacts(rid, "predictions/step_60/ood.jsonl", str(tmp_path / "dl"))
         lines = [json.loads(x) for x in Path(local).read_text().splitlines()]
         assert len(lines) == 8 and sum(x["correct"] for x in lines) == run.data.metrics["eval/ood/correct"]
+        # Best checkpoint by eval/ood/accuracy: one kept, from the first eval reaching the max.
+        hist = sorted((m.step, m.value) for m in client.get_metric_history(rid, "eval/ood/accuracy"))
+        best_step = max(hist, key=lambda sv: (sv[1], -sv[0]))[0]
+        best_root = out / "best" / "checkpoints"
+        tags = [d.name for d in best_root.iterdir() if d.is_dir()]
+        assert tags == [f"step_{best_step:08d}"], (tags, hist)
+        state = json.loads((best_root / tags[0] / "client_state.json").read_text())
+        assert state["step"] == best_step and (best_root / tags[0] / "hf" / "config.json").exists()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -163,3 +163,27 @@ def test_server_down_at_start_then_tracking_sync(tmp_path, capsys):
         assert _steps(client, run_id, "train/loss") == list(range(1, 31))
     finally:
         server.kill()
+
+
+def test_resume_continues_the_same_run_and_fresh_start_makes_a_new_one(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root, run_dir = tmp_path / "store", tmp_path / "run"
+    kw = dict(experiment="resume", store_root=root, system_metrics_s=None, log_environment=False)
+    first = MlflowLogger(run_dir, **kw)
+    _train_like(first, range(1, 6))
+    first.close("FAILED", plots=False)  # what the engine's `finally` does when a run dies
+    run_id = first.run_id  # (the property reads the run dir's state file: capture it now)
+    second = MlflowLogger(run_dir, resume=True, **kw)  # --resume auto from the step-5 checkpoint
+    assert second.run_id == run_id
+    _train_like(second, range(6, 11))
+    second.close(plots=False)
+    client = MlflowClient(resolve_tracking_uri(root))
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert _steps(client, run_id, "train/loss") == list(range(1, 11))
+    third = MlflowLogger(run_dir, **kw)  # not a resume: a new run; the old spool is kept aside
+    third.log_metrics(1, {"train/loss": 9.0})
+    third.close(plots=False)
+    assert third.run_id != run_id
+    assert len(list(run_dir.glob("mlflow_spool.prev-*.jsonl"))) == 1
+    exp = client.get_experiment_by_name("resume").experiment_id
+    assert len(client.search_runs([exp])) == 2

@@ -30,7 +30,7 @@ from cat_ds.engine.distributed import all_reduce_sum
 from cat_ds.engine.model import gradient_checkpointing_active
 from cat_ds.reattention import CatContext, amplitude, count_rows, reattention_loss, select
 
-# evaluate(model, step) -> {"eval/iid_accuracy": 0.93, ...}; called on EVERY rank (ZeRO-3
+# evaluate(model, step) -> {"eval/iid/accuracy": 0.93, ...}; called on EVERY rank (ZeRO-3
 # generation is collective), results logged by rank 0.
 EvalFn = Callable[[torch.nn.Module, int], dict]
 
@@ -135,11 +135,16 @@ class Loop:
     def run_eval(self) -> None:
         if self.evaluate is None:
             return
-        results = self.evaluate(self.engine.module, self.step)
+        out = self.evaluate(self.engine.module, self.step)
         self.engine.module.train()
+        # A plain dict of metrics, or an object with .metrics and .files (cat_ds.evaluation.EvalOutput).
+        results = out if isinstance(out, dict) else out.metrics
+        for f in getattr(out, "files", []):
+            self.logger.log_artifact(f, "predictions")
         if results:
             self.logger.log_metrics(self.step, results)
-            self._say(" ".join(f"{k}={v:.4g}" for k, v in results.items()))
+            shown = {k: v for k, v in results.items() if k.endswith("accuracy") or k == "probe/attn_ratio"}
+            self._say(" ".join(f"{k}={v:.4g}" for k, v in shown.items()))
 
     def run(self, start_step: int = 0) -> str:
         """Train from `start_step` to total_steps. Returns "finished" or "stopped" (signal)."""

@@ -127,8 +127,12 @@ def train(cfg: Config, ds_config_path: str, *, resume: str | None = None, evalua
         logger.log_params({**cfg.to_dict(), "ds_config": ds})
         for f in ("config.yaml", "ds_config.json"):  # the resolved configs, as written by setup()
             logger.log_artifact(Path(cfg.output_dir) / f, "config")
+    def save_best(step: int, metric: str, value: float) -> None:  # collective: same decision on every rank
+        checkpoint.save(engine, Path(cfg.output_dir) / "best", step=step, client_state={"step": step, metric: value},
+                        rank=info.rank, keep_last=1, hf_files=lambda d: loop._hf_files(d))
+
     if evaluate is None:
-        evaluate = default_evaluator(cfg, tokenizer, logger)
+        evaluate = default_evaluator(cfg, tokenizer, logger, on_best=save_best)
 
     loop = Loop(cfg, engine, batches, tokenizer, info=info, total_steps=total, logger=logger, evaluate=evaluate)
     status = "failed"
@@ -141,15 +145,16 @@ def train(cfg: Config, ds_config_path: str, *, resume: str | None = None, evalua
                 out = export_checkpoint(checkpoint.checkpoint_root(cfg.output_dir), Path(cfg.output_dir) / "export")
                 print(f"[cat-ds] exported Hugging Face model -> {out}", flush=True)
                 logger.log_params({"export.path": str(Path(out).resolve())})
-            barrier()
+            # No barrier: the other ranks may leave; export of a large model can outlast a collective timeout.
     finally:
         logger.close("FINISHED" if status in ("finished", "stopped") else "FAILED")
     return status
 
 
-def default_evaluator(cfg: Config, tokenizer, logger=None) -> EvalFn | None:
+def default_evaluator(cfg: Config, tokenizer, logger=None, on_best=None) -> EvalFn | None:
     """Greedy generation accuracy on each `data.eval` set plus the attention probe (every rank
-    takes part: ZeRO-3); rank 0 writes the predictions and logs them as artifacts."""
+    takes part: ZeRO-3); rank 0 writes the predictions and logs them as artifacts.
+    `on_best(step, metric, value)` is called on every rank when `eval.best_metric` improves."""
     from cat_ds.evaluation import Evaluator
 
     evaluator = Evaluator.from_config(cfg, tokenizer)
@@ -161,6 +166,8 @@ def default_evaluator(cfg: Config, tokenizer, logger=None) -> EvalFn | None:
         if logger is not None:
             for f in out.files:
                 logger.log_artifact(f, f"predictions/step_{step}")
+        if out.is_best and on_best is not None:
+            on_best(step, evaluator.best_metric, evaluator.best_value)
         return out.metrics
 
     return evaluate

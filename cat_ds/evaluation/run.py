@@ -75,7 +75,8 @@ def run_eval(
 
     `max_new_tokens=None`: derived from the targets (`default_max_new_tokens`).
     `stop_at_newline=None`: on unless a target contains a newline or the scorer is gsm8k
-    (whose reasoning spans lines). `synced_gpus=None`: on when world_size > 1."""
+    (whose reasoning spans lines). `synced_gpus=None`: on when world_size > 1.
+    `prompt_mode`: "training" (prompt ids = training prefix) or "raw" (see `prompt_ids`)."""
     if not records:
         raise ValueError("run_eval: no records to evaluate")
     rank, world_size, _ = _dist_info(rank, world_size)

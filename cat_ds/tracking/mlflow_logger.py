@@ -149,7 +149,9 @@ class MlflowLogger:
                 os.replace(self.run_dir / STATE, self.run_dir / f"mlflow_state.prev-{stamp}.json")
             state = {}
         self._fh = open(spool, "a", encoding="utf-8")
-        if not (resume and state.get("run_id")):
+        if resume and state.get("run_id"):
+            self._append({"op": "resume"})  # the run continues: RUNNING again until close()
+        else:
             self._append({"op": "start", "experiment": experiment, "run_name": run_name, "tracking_uri": self.tracking_uri,
                           "tags": {k: str(v) for k, v in (tags or {}).items()},
                           "artifact_root": local_artifact_root(self.tracking_uri, store_root, experiment)})
@@ -216,8 +218,9 @@ class MlflowLogger:
     def _append(self, ev: dict) -> None:
         ev.setdefault("ts", now_ms())
         with self._lock:
-            if self._closed:
-                raise RuntimeError("MlflowLogger is closed")
+            if self._closed:  # a caller bug, but tracking must not kill training over it
+                _say(f"ignored a {ev['op']!r} call after close() (run dir {self.run_dir})")
+                return
             self._fh.write(json.dumps(ev, default=str) + "\n")
             self._fh.flush()
         self._wake.set()

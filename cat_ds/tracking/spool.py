@@ -14,7 +14,7 @@ another value) are written to `mlflow_rejected.jsonl` and skipped, never retried
 
 Event lines: {"op": "start", experiment, run_name, tags, artifact_root?}, {"op": "params",
 params}, {"op": "metrics", step, ts, metrics}, {"op": "artifact", path, artifact_path},
-{"op": "end", status}.
+{"op": "tags", tags}, {"op": "resume"} (a resumed run is RUNNING again), {"op": "end", status}.
 """
 
 from __future__ import annotations
@@ -159,6 +159,8 @@ class Pusher:
                 c.log_artifacts(self.run_id, str(path), evs[0].get("artifact_path"))
             else:
                 c.log_artifact(self.run_id, str(path), evs[0].get("artifact_path"))
+        elif op == "resume":
+            c.update_run(self.run_id, status="RUNNING")
         elif op == "end":
             c.set_terminated(self.run_id, status=evs[0]["status"], end_time=int(evs[0]["ts"]))
         else:
