@@ -4,5 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_venv.sh
+# One PATH for the whole suite: DeepSpeed JIT-builds an op with ninja, and two ninja builds
+# (system and .venv) discard each other's records, forcing a rebuild per switch.
+export PATH="$PWD/.venv/bin:$PATH"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
 exec .venv/bin/python -m pytest -q --timeout 900 "$@"

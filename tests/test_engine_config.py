@@ -107,3 +107,14 @@ def test_every_shipped_config_loads(path):
             ds = fill_ds_config(load_ds_config(ds_path), cfg, world_size=world, total_steps=10, hidden_size=64)
             assert unresolved_auto(ds) == [], (path.name, ds_path.name)
     assert cfg.cat.enabled in (True, False)
+
+
+def test_cli_train_rejects_bad_config_before_launching(tmp_path):
+    from click.testing import CliRunner
+
+    from cat_ds.cli import main
+
+    res = CliRunner().invoke(main, ["train", str(_write(tmp_path, GOOD)), "--nproc", "2",
+                                    "--set", "train.grad_accum=0"])
+    assert res.exit_code != 0
+    assert "config error" in res.output and "train.grad_accum: must be >= 1, got 0" in res.output

@@ -122,6 +122,13 @@ def test_export_round_trip_logits_equal(engine_run, tmp_path):
     # Real tokens only: the engine's "cat_sdpa" runs right-padded batches with the plain causal
     # kernel (exact on real tokens), the exported model's default sdpa masks padding, so the
     # logits at padded positions (never used) differ by design.
+    from click.testing import CliRunner
+
+    from cat_ds.cli import main
+
+    res = CliRunner().invoke(main, ["export", str(checkpoint_root(cfg.output_dir)), str(tmp_path / "cli")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "cli" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
     real = batch["attention_mask"].bool()
     assert bool((~real).any())  # the batch does have padding
     torch.testing.assert_close(got[real], ref[real], rtol=0, atol=1e-5)

@@ -1,5 +1,5 @@
 """score_example (for `data inspect --model`), a real collated STG batch through the loss, and
-bf16 on a GPU."""
+bf16 (CPU, and CUDA when there is one)."""
 import copy
 
 import pytest
@@ -70,19 +70,22 @@ def test_real_collated_stg_batch(stg_dir, stg_h_dir, bpe_tokenizer):
         torch.testing.assert_close(p.grad, r.grad, atol=1e-9, rtol=0, msg=name)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("device", [
+    "cpu",  # the same half-precision code path, so CI without a GPU covers it too
+    pytest.param("cuda", marks=[pytest.mark.gpu,
+                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]),
+])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_bf16_cuda_close_to_float64_reference(family):
+def test_bf16_close_to_float64_reference(family, device):
     base = tiny_model(family, seed=5, hidden=64, heads=8)
     batch = make_batch([48, 40, 33], seed=6)
     ref_model = copy.deepcopy(base)
     ref_lm, ref_cat, _ = reference(ref_model, batch, alpha=1e9, loss_type="div")
     ref_cat.backward()
 
-    model = copy.deepcopy(base).to("cuda", torch.bfloat16)
+    model = copy.deepcopy(base).to(device, torch.bfloat16)
     model.set_attn_implementation("cat_sdpa")
-    cuda_batch = {k: v.cuda() for k, v in batch.items()}
+    cuda_batch = {k: v.to(device) for k, v in batch.items()}
     ctx = CatContext.from_batch(cuda_batch, layers=[0, 1], num_heads=8)
     model(input_ids=cuda_batch["input_ids"], attention_mask=cuda_batch["attention_mask"], cat=ctx)
     res = reattention_loss(ctx, alpha=1e9, loss_type="div")

@@ -91,3 +91,26 @@ def test_equivalence_with_unsupervised_record_in_batch():
 def test_equivalence_chunked_over_rows(heads_spec):
     # chunk_elems so small that every supervised row is its own chunk
     _check("qwen2", True, "div2", checkpointing=False, lengths=[24, 18], heads_spec=heads_spec, seed=6, chunk_elems=1)
+
+
+def test_equivalence_left_padding():
+    """Left padding (not the collator's layout, but the context takes the attention mask):
+    padded keys get no attention, as in the eager reference, and still count in |N| there."""
+    base = tiny_model("llama", True, seed=7)
+    batch = make_batch([23, 15, 19], seed=7)
+    seq = batch["input_ids"].shape[1]
+    pads = seq - batch["attention_mask"].sum(1)
+    for k in ("input_ids", "attention_mask", "labels"):
+        batch[k] = torch.stack([torch.roll(batch[k][b], int(pads[b])) for b in range(len(pads))])
+    shift = pads[batch["cat_rows"][:, 0]]
+    batch["cat_rows"] = torch.stack([batch["cat_rows"][:, 0], batch["cat_rows"][:, 1] + shift], 1)
+    row_of_col = torch.repeat_interleave(torch.arange(len(shift)), batch["cat_col_ptr"].diff())
+    batch["cat_cols"] = batch["cat_cols"] + shift[row_of_col]
+    ref_model, cat_model = copy.deepcopy(base), copy.deepcopy(base)
+    ref_lm, ref_cat, _ = reference(ref_model, batch, alpha=1e9, loss_type="div")
+    (ref_lm + 0.7 * ref_cat).backward()  # _run_cat's weighting
+    lm, res, grads = _run_cat(cat_model, batch, alpha=1e9, loss_type="div", layers=[0, 1], heads={},
+                              checkpointing=False, chunk_elems=1 << 25)
+    assert abs(float(res.loss - ref_cat)) < TOL and abs(float(lm - ref_lm)) < TOL
+    for name, g in _grads(ref_model).items():
+        torch.testing.assert_close(grads[name], g, atol=TOL, rtol=0, msg=lambda m: f"{name}: {m}")

@@ -88,6 +88,8 @@ class Loop:
             kw = {}
             if cfg.train.lm_normalization == "global":
                 kw["num_items_in_batch"] = max(n_tokens, 1.0) / self.scale
+            elif not bool((mb["labels"][:, 1:] != -100).any()):
+                kw["num_items_in_batch"] = 1.0  # no answer token (all truncated): loss 0, not mean-of-nothing NaN
             ctx = None
             if cfg.cat.enabled:
                 ctx = CatContext.from_batch(mb, layers=layers, heads=heads, num_heads=self.num_heads)
