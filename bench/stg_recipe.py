@@ -18,9 +18,13 @@ Prints one JSON line per run and a summary line per mode. This is an exploration
 demo itself runs through the engine (cat_ds/engine) with the recipe ported to its config.
 
 The pre-training text never contains STG's twin structure: every value is an independent
-uniform 1..10 and the questions name the items they are about (lookups, comparisons,
-thresholds of one value or of a sum), so the model arrives able to read "Word: value" and to
-compare numbers, as a pretrained LLM does, without having seen any correlation between items.
+uniform 1..10. `--pretrain-task questions`: the question names the items it is about (lookups,
+comparisons, thresholds of one value or of a sum); `rules`: 32 fixed weighted-sum threshold
+rules, each named by a "Task 1xx." header. The aim is a model that arrives able to read
+"Word: value" and compare numbers, as a pretrained LLM does, without having seen any correlation
+between items. `--pretrain-names generic+stg` adds the eight STG item names (still with
+independent values) to the generic name pool. The pre-trained weights are cached under --out.
+See docs/demo_recipe.md for what was measured with this script.
 """
 from __future__ import annotations
 
@@ -307,8 +311,8 @@ def main(argv=None) -> None:
     pre_state, pre_s = None, 0.0
     if args.pretrain_steps:
         key = json.dumps([args.pretrain_steps, args.pretrain_lr, args.pretrain_batch_size, args.pretrain_names,
-                          args.pretrain_seed, args.pretrain_task, args.pretrain_rules, args.layers, args.hidden, args.heads, args.ffn, args.vocab,
-                          args.weight_decay, args.warmup, args.schedule, args.clip])
+                          args.pretrain_seed, args.pretrain_task, args.pretrain_rules, args.layers, args.hidden,
+                          args.heads, args.ffn, args.vocab, args.weight_decay, args.warmup, args.schedule, args.clip])
         ckpt = out / f"pretrained_{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
         if ckpt.exists():
             pre_state = torch.load(ckpt)

@@ -317,7 +317,7 @@ def train(config, ds_config, nproc, overrides, resume, master_port):
 
         nproc = max(1, torch.cuda.device_count())
     try:  # fail here, in one process, before launching anything
-        check(load_config(config, list(overrides)), ds_config, nproc)
+        check(load_config(config, list(overrides)), ds_config, nproc, resume)
     except ConfigError as e:
         raise click.ClickException(f"config error: {e}") from None
     if master_port is None:

@@ -37,7 +37,8 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         from cat_ds.engine.runner import check
 
-        check(cfg, args.ds_config, int(os.environ.get("WORLD_SIZE", "1")))  # before any model or process group
+        # Before any model or process group. Every rank checks before rank 0 may write anything.
+        check(cfg, args.ds_config, int(os.environ.get("WORLD_SIZE", "1")), args.resume)
     except ConfigError as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"cat-ds: config error: {e}", file=sys.stderr, flush=True)

@@ -118,3 +118,16 @@ def test_cli_train_rejects_bad_config_before_launching(tmp_path):
                                     "--set", "train.grad_accum=0"])
     assert res.exit_code != 0
     assert "config error" in res.output and "train.grad_accum: must be >= 1, got 0" in res.output
+
+
+def test_fresh_run_refuses_an_output_dir_with_checkpoints(tmp_path):
+    from cat_ds.engine.runner import check
+
+    cfg = load_config(_write(tmp_path, GOOD), [f"output_dir={tmp_path / 'run'}"])
+    ds = str(REPO / "ds_configs/zero3.json")
+    check(cfg, ds, 2, resume="none")  # empty dir: fine
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000003")
+    with pytest.raises(ConfigError, match="already holds checkpoints .* --resume auto"):
+        check(cfg, ds, 2, resume="none")
+    check(cfg, ds, 2, resume="auto")

@@ -109,13 +109,13 @@ def save(engine, output_dir: str | Path, *, step: int, client_state: dict, rank:
     if rank == 0:
         _write_atomic(root / tag / COMPLETE, "")
         _write_atomic(root / "latest", tag)
-        _prune(root, keep_last)
+        _prune(root, keep_last, tag)
     barrier()
     return tag
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    keep = set(complete_tags(root)[-keep_last:])
+def _prune(root: Path, keep_last: int, current: str) -> None:
+    keep = set(complete_tags(root)[-keep_last:]) | {current}  # never the one `latest` points to
     for p in root.iterdir():
         if TAG_RE.match(p.name) and p.name not in keep:
             shutil.rmtree(p, ignore_errors=True)

@@ -8,7 +8,6 @@ under `HfDeepSpeedConfig`, then `deepspeed.initialize`, resume, loop, export.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from cat_ds.config import Config, ConfigError, dump_yaml, fill_ds_config, load_ds_config, unresolved_auto
@@ -19,10 +18,16 @@ from cat_ds.engine.loop import EvalFn, Loop
 from cat_ds.engine.model import build_model, load_model_config, load_tokenizer
 
 
-def check(cfg: Config, ds_config_path: str, world_size: int) -> dict:
+def check(cfg: Config, ds_config_path: str, world_size: int, resume: str | None = "auto") -> dict:
     """Everything that can be checked without data or a model: raises ConfigError."""
     ds = load_ds_config(ds_config_path)
     fill_ds_config(ds, cfg, world_size=world_size, src=ds_config_path)  # batch arithmetic, fp16-on-CPU
+    latest = checkpoint.checkpoint_root(cfg.output_dir) / "latest"
+    if resume != "auto" and latest.exists():
+        # A fresh run would interleave its checkpoints with the old ones (and keep-last-K could
+        # then prune the new ones): refuse instead of guessing.
+        raise ConfigError(f"output_dir {cfg.output_dir} already holds checkpoints of a run ({latest}): "
+                          "continue it with --resume auto, or choose another output_dir")
     return ds
 
 
@@ -73,7 +78,7 @@ def setup(cfg: Config, ds_config_path: str, info: DistInfo | None = None):
     import torch
 
     info = info or init_distributed()
-    ds_raw = check(cfg, ds_config_path, info.world_size)
+    ds_raw = check(cfg, ds_config_path, info.world_size)  # (the fresh-run check ran before, in train.py)
     on_gpu = info.device.type == "cuda"
     if info.is_main:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
