@@ -205,15 +205,18 @@ def annotate(in_file, out_file, model, base_url, concurrency, prompt_template, e
 @main.command()
 @click.option("--task", type=click.Choice(["stg", "stg_h"]), default="stg")
 @click.option("--size", type=click.Choice(["S", "M", "L"]), default="M", help="STG training size (400/800/1600).")
+@click.option("--seeds", type=int, default=1, help="Seeds per mode (base and CAT share them).")
 @click.option("--out", "out_dir", default="demo_out", type=click.Path(file_okay=False))
-def demo(task, size, out_dir):
-    """The embedded default: generate STG, train a tokenizer, show the causal masks."""
+@click.option("--quick", is_flag=True, help="A ~2-minute smoke run of the whole path (a few steps, small eval).")
+@click.option("--nproc", type=int, default=None, help="Ranks (default: 2 on a 2+ core CPU).")
+def demo(task, size, seeds, out_dir, quick, nproc):
+    """The embedded default: STG data, a local tokenizer, base vs CAT through the real
+    engine (DeepSpeed ZeRO-3), IID/OOD evaluation, MLflow, and the compare table."""
     from pathlib import Path
 
-    from cat_ds.demo import prepare_data, show_masks
+    from cat_ds.demo import run_demo
 
-    data_dir, tok_dir = prepare_data(Path(out_dir), task, size)
-    show_masks(data_dir, tok_dir)
+    run_demo(task, size, seeds, Path(out_dir), quick, nproc)
 
 
 @main.command("eval")

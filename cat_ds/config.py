@@ -93,7 +93,7 @@ class EvalConfig:
 class TrackingConfig:
     experiment: str = "cat-ds"
     run_name: str | None = None
-    mlflow: bool = False  # also log to MLflow (metrics.jsonl is always written)
+    mlflow: bool = True  # every run is tracked in MLflow (metrics.jsonl is always written too)
     tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else SQLite under store_root
     store_root: str | None = None  # default: OUTPUT_DIR/../mlflow (shared by sibling runs, for compare)
 

@@ -1,0 +1,29 @@
+"""`cat-ds demo --quick`: the README's main job, end to end through the real engine."""
+
+import subprocess
+
+import mlflow
+import pytest
+
+from conftest import VENV_BIN
+
+
+@pytest.mark.slow
+def test_demo_quick_logs_both_modes_and_compares(tmp_path):
+    out = tmp_path / "demo"
+    p = subprocess.run([str(VENV_BIN / "cat-ds"), "demo", "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "| stg | eval/ood/accuracy |" in p.stdout and "CAT − base" in p.stdout
+    assert (out / "compare" / "compare.md").read_text().strip() in p.stdout
+    assert (out / "compare" / "compare.png").stat().st_size > 1000
+
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'runs' / 'mlflow' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("cat-ds-demo")
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.data.tags.get("mode") for r in runs) == ["base", "cat"]
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        for k in ("eval/iid/accuracy", "eval/ood/accuracy"):
+            assert 0.0 <= r.data.metrics[k] <= 1.0, (k, r.data.metrics)
+        assert r.data.metrics["eval/iid/n"] == 40
