@@ -1,7 +1,10 @@
 """Recipe exploration for the CPU demo: base vs CAT on STG, one process, plain PyTorch.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/stg_recipe.py --modes base,cat --seeds 0,1,2 \
-        [--epochs 60 --lr 2e-3 --layers 3 --hidden 128 ...] [--pretrain-steps N ...]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/stg_recipe.py [--modes base,cat --seeds 0,1,2 ...]
+
+Defaults are the issue-9 calibration (from scratch, 60 epochs, batch 32, lr 2e-3, alpha 2).
+The recommended demo recipe (docs/demo_recipe.md, R10) is
+    --pretrain-steps 600 --epochs 20 --batch-size 8 --lr 1e-3 --alpha 10 --seeds 0,1,2
 
 Steps: generate STG (`write_stg`), train a byte-level BPE tokenizer, optionally pre-train a
 tiny Llama-shaped model once on generic synthetic "numbers" text (see `numbers_record`), then
@@ -177,11 +180,15 @@ def train(model, examples, collate, *, epochs: int, lr: float, batch_size: int, 
                 amp = args.amp * amplitude(args.amp_schedule, decay=args.amp_decay, epoch=epoch, step=step,
                                            steps_per_epoch=steps_per_epoch, value=1.0)
                 loss = lm + amp * res.loss
-                cat_sum += float(res.loss)
-                ratio_sum += float(res.ratio[res.counted].mean()) if res.num_counted else float("nan")
+                cat_sum += float(res.loss.detach())
+                ratio_sum += float(res.ratio[res.counted].detach().mean()) if res.num_counted else float("nan")
+            if not torch.isfinite(loss):  # e.g. `div` with a0 underflowing to 0 at a high alpha: stop, report it
+                return {"lm_loss": float("nan"), "cat_loss": None, "train_ratio": None, "diverged_step": step}
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            if not torch.isfinite(grad_norm):  # a NaN gradient (see above) would poison the weights
+                return {"lm_loss": float("nan"), "cat_loss": None, "train_ratio": None, "diverged_step": step}
             opt.step()
             sched.step()
             step += 1
@@ -194,7 +201,7 @@ def train(model, examples, collate, *, epochs: int, lr: float, batch_size: int, 
         if args.verbose and (epoch % max(1, epochs // 10) == 0 or epoch == epochs - 1):
             print(f"[{tag}] epoch {epoch} " + " ".join(f"{k}={v:.4f}" for k, v in stats.items() if v is not None),
                   file=sys.stderr, flush=True)
-    return stats
+    return stats | {"diverged_step": None}
 
 
 # ------------------------------------------------------------------ evaluation
@@ -242,7 +249,7 @@ def attention_ratio(model, examples, collate, batch_size: int = 100) -> float:
 
 # ------------------------------------------------------------------ main
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
     a("--out", default="/tmp/stg_recipe", help="data, tokenizer and pre-trained checkpoint cache")
     a("--size", default="M", choices=["S", "M", "L"])
@@ -350,12 +357,13 @@ def main(argv=None) -> None:
             t2 = time.time()
             iid = evaluate(model, tok, recs["test_iid"])
             ood = evaluate(model, tok, recs["test_ood"])
-            row = {"mode": mode, "seed": seed, "iid": iid["acc"], "ood": ood["acc"], "ood_conflict": ood["conflict_acc"],
-                   "ood_conflict_n": ood["conflict_n"],
+            row = {"mode": mode, "seed": seed, "iid": iid["acc"], "ood": ood["acc"],
+                   "ood_conflict": ood["conflict_acc"], "ood_conflict_n": ood["conflict_n"],
                    "ratio_ood": round(attention_ratio(model, ood_ex, collate), 3)}
             if args.eval_train:
                 row["train_acc"] = evaluate(model, tok, recs["train"])["acc"]
-            row.update({"lm_loss": round(st["lm_loss"], 4), "train_s": round(train_s, 1),
+            row.update({"lm_loss": round(st["lm_loss"], 4), "diverged_step": st["diverged_step"],
+                        "train_s": round(train_s, 1),
                         "eval_s": round(time.time() - t2, 1), "pretrain_s": round(pre_s, 1), "config": cfg_echo})
             results.setdefault(mode, []).append(row)
             print(json.dumps(row), flush=True)

@@ -17,6 +17,8 @@ import click
 
 REPO = Path(__file__).resolve().parents[1]  # configs live in the repo checkout, not the wheel
 DEMO_CONFIG = REPO / "configs" / "demo_stg.yaml"
+PRETRAIN_CONFIG = REPO / "configs" / "demo_pretrain.yaml"
+PRETRAIN_RECORDS = 38_400  # 600 steps x 64
 DS_CONFIG = REPO / "ds_configs" / "zero3.json"
 EXPERIMENT = "cat-ds-demo"
 
@@ -26,14 +28,20 @@ def prepare_data(out: Path, task: str, size: str, seed: int = 0, vocab_size: int
     from cat_ds.data.stg import write_stg
     from cat_ds.data.tokenizers import train_tokenizer
 
+    from cat_ds.data.numbers import write_numbers
+
     data_dir = out / "data" / f"{task}_{size}"
     tok_dir = out / "data" / f"{task}_{size}" / "tokenizer"
+    numbers = out / "data" / "numbers.jsonl"
     if not (data_dir / "meta.json").exists():
         click.echo(f"[demo] generating {task.upper()} size {size} -> {data_dir}")
         write_stg(data_dir, task=task, train_size=size, seed=seed)
+    if not numbers.exists():
+        click.echo(f"[demo] generating {PRETRAIN_RECORDS} generic numbers questions for pre-training -> {numbers}")
+        write_numbers(numbers, PRETRAIN_RECORDS, seed=seed)
     if not (tok_dir / "tokenizer.json").exists():
         click.echo(f"[demo] training a byte-level BPE tokenizer (vocab {vocab_size}) -> {tok_dir}")
-        train_tokenizer([data_dir / "train.jsonl", data_dir / "test_ood.jsonl"], "bpe", vocab_size, tok_dir)
+        train_tokenizer([data_dir / "train.jsonl", data_dir / "test_ood.jsonl", numbers], "bpe", vocab_size, tok_dir)
     return data_dir, tok_dir
 
 
@@ -53,11 +61,28 @@ def show_masks(data_dir: Path, tok_dir: Path) -> dict:
     return summary
 
 
-def train_overrides(data_dir: Path, tok_dir: Path, run_dir: Path, mode: str, seed: int, quick: bool) -> list[str]:
+def pretrain(out: Path, tok_dir: Path, nproc: int, quick: bool) -> Path:
+    """The generic numbers pre-training stage (once; reused by every run and later demos)."""
+    run_dir = out / "runs" / ("pretrain_quick" if quick else "pretrain")
+    export = run_dir / "export"
+    if (export / "config.json").exists():
+        click.echo(f"[demo] reusing the pre-trained model {export}")
+        return export
+    click.echo(f"[demo] pre-training the tiny model on generic numbers text ({'quick' if quick else '600 steps'}) ...", nl=False)
+    t0 = time.time()
+    sets = [f"output_dir={run_dir}", f"model.config={REPO / 'configs' / 'models' / 'demo_llama.json'}",
+            f"model.tokenizer={tok_dir}", f"data.train={out / 'data' / 'numbers.jsonl'}"]
+    if quick:
+        sets += ["train.max_steps=8"]
+    run_training(PRETRAIN_CONFIG, sets, nproc, out / "runs" / f"{run_dir.name}.log")
+    click.echo(f" done in {time.time() - t0:.0f}s")
+    return export
+
+
+def train_overrides(data_dir: Path, pretrained: Path, run_dir: Path, mode: str, seed: int, quick: bool) -> list[str]:
     sets = [
         f"output_dir={run_dir}",
-        f"model.config={REPO / 'configs' / 'models' / 'tiny_llama.json'}",
-        f"model.tokenizer={tok_dir}",
+        f"model.name_or_path={pretrained}",
         f"data.train={data_dir / 'train.jsonl'}",
         f"data.eval.iid={data_dir / 'test_iid.jsonl'}",
         f"data.eval.ood={data_dir / 'test_ood.jsonl'}",
@@ -68,7 +93,8 @@ def train_overrides(data_dir: Path, tok_dir: Path, run_dir: Path, mode: str, see
         f"tracking.run_name={run_dir.name}",
     ]
     if quick:  # a smoke run of the whole path: a few steps, a small eval
-        sets += ["train.max_steps=12", "eval.limit=40", "eval.probe_size=4", "train.save_every=0"]
+        sets += ["train.max_steps=12", "eval.limit=40", "eval.probe_size=4", "train.save_every=0",
+                 "train.warmup_steps=2"]
     return sets
 
 
@@ -94,6 +120,7 @@ def run_demo(task: str, size: str, seeds: int, out: Path, quick: bool, nproc: in
     nproc = nproc or min(2, os.cpu_count() or 1)
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
+    pretrained = pretrain(out, tok_dir, nproc, quick)
     jobs = [(seed, mode) for seed in range(seeds) for mode in ("base", "cat")]
     click.echo(f"\n[demo] training {len(jobs)} runs (base and CAT x {seeds} seed(s)) on {nproc} rank(s), "
                f"DeepSpeed ZeRO-3; logs in {runs_dir}/<run>.log")
@@ -102,7 +129,7 @@ def run_demo(task: str, size: str, seeds: int, out: Path, quick: bool, nproc: in
         run_dir = runs_dir / f"{task}_{size}_{mode}_s{seed}"
         t0 = time.time()
         click.echo(f"[demo] ({i}/{len(jobs)}) {mode:>4} seed {seed} ...", nl=False)
-        run_training(DEMO_CONFIG, train_overrides(data_dir, tok_dir, run_dir, mode, seed, quick), nproc,
+        run_training(DEMO_CONFIG, train_overrides(data_dir, pretrained, run_dir, mode, seed, quick), nproc,
                      runs_dir / f"{run_dir.name}.log")
         click.echo(f" done in {time.time() - t0:.0f}s{_accuracies(run_dir)}")
     click.echo(f"[demo] all runs done in {(time.time() - t_all) / 60:.1f} min\n")

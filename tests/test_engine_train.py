@@ -9,6 +9,7 @@ operations in the same order on the same shapes: it must be bit-exact.
 from __future__ import annotations
 
 import math
+import re
 import signal
 
 import pytest
@@ -31,6 +32,10 @@ def reference(tmp_path_factory, stg_dir, tok_dir):
                        train={"max_steps": 8, "save_every": 3, "keep_last": 2})
     p = launch(cfg, 2)
     assert p.returncode == 0, tail(p)
+    # ZeRO-3 partitioned the model at creation: rank 0 holds about half of it.
+    m = re.search(r"model: ([\d,]+) parameters; rank 0 holds ([\d,]+)", p.stdout)
+    total, local = (int(g.replace(",", "")) for g in m.groups())
+    assert local <= total // 2 + 1024, (total, local)
     return tmp, cfg, metrics(tmp / "ref2")
 
 

@@ -183,3 +183,22 @@ def test_context_validates_rows():
     ctx = CatContext(rows, torch.tensor([0, 1]), torch.tensor([5]), layers=[0], num_heads=4)
     with pytest.raises(ValueError, match="< the row's query position"):
         ctx.row_index(torch.device("cpu"), 1, 8)
+
+
+def test_saturated_rows_give_finite_gradients():
+    """A row whose causal mass is exactly 1 (a0 == 0) is inactive; it must not turn the
+    gradient of the whole batch into NaN (div divides by log1p(a0))."""
+    import torch
+
+    from cat_ds.reattention.context import CatContext
+    from cat_ds.reattention.loss import reattention_loss
+
+    ctx = CatContext(torch.tensor([[0, 3], [0, 4]]), torch.tensor([0, 3, 4]), torch.tensor([0, 1, 2, 1]),
+                     layers=[0], num_heads=1)
+    mass = torch.tensor([[1.0], [0.3]], requires_grad=True)  # row 0 saturated, row 1 active
+    ctx.mass[0] = mass
+    for loss_type in ("div", "div2", "nll", "hinge"):
+        out = reattention_loss(ctx, alpha=2.0, loss_type=loss_type)
+        (g,) = torch.autograd.grad(out.loss, mass)
+        assert torch.isfinite(g).all(), (loss_type, g)
+        assert g[0, 0] == 0 and out.active.tolist() == [False, True]

@@ -154,6 +154,8 @@ class Loop:
 
         cfg = self.cfg
         self.step = start_step
+        if start_step > 0:
+            self.last_saved = start_step  # resumed from that checkpoint: never rewrite it (latest points to it)
         stopper = StopRequested()
         self.engine.train()
         if cfg.model.gradient_checkpointing and not gradient_checkpointing_active(self.engine.module):

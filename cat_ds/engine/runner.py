@@ -104,6 +104,11 @@ def setup(cfg: Config, ds_config_path: str, info: DistInfo | None = None):
         Path(cfg.output_dir, "config.yaml").write_text(dump_yaml(cfg))
         Path(cfg.output_dir, "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
     model, hf_ds = build_model(cfg, ds, on_gpu=on_gpu, vocab_size=len(tokenizer))
+    if info.is_main:  # under ZeRO-3 each rank holds ~1/world of every parameter from birth (zero.Init)
+        n_all = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        n_here = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+        print(f"[cat-ds] model: {n_all:,} parameters; rank 0 holds {n_here:,} after loading "
+              f"(ZeRO stage {ds.get('zero_optimization', {}).get('stage', 0)}, world {info.world_size})", flush=True)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=ds)
     engine._cat_ds_hf_ds = hf_ds  # keep HfDeepSpeedConfig alive as long as the engine

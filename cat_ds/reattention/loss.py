@@ -104,7 +104,12 @@ def reattention_loss(ctx: CatContext, *, alpha: float = 2.0, loss_type: str = "d
         return CatLossOutput(z, e, e, e, e.bool(), e.bool(), 0)
     a1, a0, counted = row_stats(ctx)
     active = counted & (a1 / a0 < alpha).detach()
-    row_loss = torch.where(active, _row_loss(a1, a0, alpha, loss_type), torch.zeros_like(a1))
+    # Inactive rows get harmless stand-ins before the loss formula: a row whose causal mass
+    # rounds to 1 has a0 == 0, and div's log1p(a0) = 0 there would make the (discarded)
+    # branch's gradient NaN, which torch.where still propagates as NaN * 0.
+    a1_safe = torch.where(active, a1, torch.zeros_like(a1))
+    a0_safe = torch.where(active, a0, torch.ones_like(a0))
+    row_loss = torch.where(active, _row_loss(a1_safe, a0_safe, alpha, loss_type), torch.zeros_like(a1))
     n = int(counted.sum())
     denom = n if normalization == "micro" else float(denominator)
     loss = row_loss.sum() / denom if denom > 0 else row_loss.sum() * 0.0

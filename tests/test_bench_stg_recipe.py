@@ -1,0 +1,60 @@
+"""bench/stg_recipe.py: the generic pre-training text and a tiny end-to-end run."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "bench" / "stg_recipe.py"
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    spec = importlib.util.spec_from_file_location("stg_recipe", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["stg_recipe"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_generic_pretraining_has_no_stg_names_and_independent_values(recipe):
+    records = recipe.numbers_corpus(600, 0, recipe.GENERIC_NAMES, "mix")
+    for r in records:
+        assert not any(n in r.input for n in recipe.STG_NAMES), r.input
+        values = [int(v) for v in re.findall(r": (\d+)[,.]? ", r.input)]
+        assert values and all(1 <= v <= 10 for v in values), r.input
+        assert r.important is None
+    rule_answers = Counter(r.target for r in records if r.input.startswith("Task "))
+    assert set(rule_answers) == {"Yes", "No"}
+    assert min(rule_answers.values()) > 0.3 * sum(rule_answers.values())  # thresholds at the median
+
+
+def test_spurious_label_reads_the_twins(recipe):
+    from cat_ds.data.records import CatRecord
+
+    text = ("Smoking: 1, Weight: 1, Exercise: 9, Yellow fingers: 15, Clothing size: 10, Hormones: 0, "
+            "Certain gene: 3, Room size: 4 Answer: ")
+    assert recipe.spurious_label(CatRecord(text, "Low Risk", None)) == "High Risk"  # 12 + 7 - 0.5 > 7.2
+
+
+@pytest.mark.slow
+def test_tiny_run_prints_one_row_per_mode_and_seed(recipe, tmp_path, capsys):
+    recipe.main(["--out", str(tmp_path), "--size", "S", "--epochs", "1", "--hidden", "32", "--layers", "2",
+                 "--heads", "2", "--batch-size", "16", "--alpha", "10", "--pretrain-steps", "3",
+                 "--pretrain-batch-size", "8", "--modes", "base,cat", "--seeds", "0"])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert lines[0]["pretrain"] and 0 <= lines[0]["probe_acc"] <= 1
+    rows = [x for x in lines if "mode" in x]
+    assert [(r["mode"], r["seed"]) for r in rows] == [("base", 0), ("cat", 0)]
+    for r in rows:
+        assert 0 <= r["iid"] <= 1 and 0 <= r["ood"] <= 1 and r["ood_conflict_n"] > 0
+        assert math.isfinite(r["ratio_ood"]) and r["ratio_ood"] > 0
+    summary = lines[-1]
+    assert summary["summary"] and summary["delta_ood"] == pytest.approx(rows[1]["ood"] - rows[0]["ood"], abs=1e-3)
+    assert any(p.name.startswith("pretrained_") for p in tmp_path.iterdir())  # cached for the next call
