@@ -47,6 +47,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from cat_ds.data.collate import CatCollator  # noqa: E402
+from cat_ds.data.numbers import GENERIC_NAMES, numbers_record  # noqa: E402
 from cat_ds.data.records import CatRecord, load_records  # noqa: E402
 from cat_ds.data.spans import tokenize_example  # noqa: E402
 from cat_ds.data.stg import stg_label, write_stg  # noqa: E402
@@ -55,37 +56,8 @@ from cat_ds.evaluation.generate import generate_batch, prompt_ids  # noqa: E402
 from cat_ds.reattention import CatContext, amplitude, log_stats, reattention_loss, select  # noqa: E402
 
 # ------------------------------------------------------------------ generic pre-training text
-GENERIC_NAMES = [
-    "Age", "Height", "Income", "Sleep", "Stress", "Coffee", "Sugar", "Salt", "Rain", "Noise", "Speed",
-    "Distance", "Pressure", "Humidity", "Traffic", "Price", "Energy", "Water", "Light", "Heat", "Wind",
-    "Blood pressure", "Shoe size", "Screen time", "Daily steps", "Heart rate", "Body fat", "Hair length",
-]
 STG_NAMES = ["Smoking", "Weight", "Exercise", "Yellow fingers", "Clothing size", "Hormones", "Certain gene",
              "Room size"]
-
-
-def numbers_record(rng: random.Random, names: list[str]) -> CatRecord:
-    """One generic example: 4-8 independent "Name: v" items (v uniform 1..10) and a question
-    that names the items it is about. No annotation (LM loss on the answer only)."""
-    k = rng.randint(4, 8)
-    chosen = rng.sample(names, k)
-    vals = {n: rng.randint(1, 10) for n in chosen}
-    x, y = rng.sample(chosen, 2)
-    kind = rng.randrange(5)
-    if kind == 0:
-        q, a = f"What is {x}?", str(vals[x])
-    elif kind == 1:
-        q, a = f"Is {x} greater than {y}?", "Yes" if vals[x] > vals[y] else "No"
-    elif kind == 2:
-        t = rng.randint(1, 9)
-        q, a = f"Is {x} above {t}?", "Yes" if vals[x] > t else "No"
-    elif kind == 3:
-        t = rng.randint(4, 16)
-        q, a = f"Is {x} plus {y} above {t}?", "Yes" if vals[x] + vals[y] > t else "No"
-    else:
-        q, a = f"What is {x} plus {y}?", str(vals[x] + vals[y])
-    items = ", ".join(f"{n}: {vals[n]}" for n in chosen)
-    return CatRecord(f"Here is some data. {items}. Question: {q} Answer: ", a, None)
 
 
 def make_rules(rng: random.Random, names: list[str], n_rules: int) -> list[tuple[list[str], list[float], float]]:
