@@ -17,9 +17,14 @@ import os
 import socket
 import sys
 import traceback
+import warnings
 from dataclasses import dataclass
 
 import torch
+
+# DeepSpeed 0.19's ZeRO-3 calls a torch collective that torch 2.13 deprecates: one
+# FutureWarning per call (hundreds per step) would bury every log. Nothing for users to do.
+warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
 
 
 @dataclass
