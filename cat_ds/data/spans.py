@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import bisect
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,7 +130,7 @@ def tokenize_example(
     )
     labels = [-100] * answer_start + ids[answer_start:]
 
-    rows, skipped = build_mask_rows(record, offsets, n_full_tokens=n_full, min_gap=min_gap, full_text=text)
+    rows, skipped = build_mask_rows(record, offsets, n_full_tokens=n_full, min_gap=min_gap)
     return TokenizedExample(ids, labels, answer_start, rows, skipped, truncated=len(ids) < n_full)
 
 
@@ -140,14 +139,13 @@ def build_mask_rows(
     offsets: list[tuple[int, int]],
     n_full_tokens: int,
     min_gap: int = 1,
-    full_text: str | None = None,
 ) -> tuple[list[tuple[int, list[int]]], list[dict[str, str]]]:
     """Sparse mask rows [(q, sorted cols)] and skipped phrases for one record.
 
     `offsets` may be truncated; a phrase whose tokens all lie past the end is `truncated`."""
     if not record.important:
         return [], []
-    text = full_text if full_text is not None else record.text
+    text = record.text
     tmap = _TokenMap(offsets)
     n_tokens = len(offsets)
     truncated = n_tokens < n_full_tokens
@@ -204,11 +202,3 @@ def build_mask_rows(
                 skip(f"{key} <- {value}", ORDER)
     rows = [(q, sorted(cols)) for q, cols in sorted(mask.items())]
     return rows, skipped
-
-
-def skip_counts(examples) -> Counter:
-    """Counter of skip reasons over TokenizedExamples (for summaries)."""
-    c: Counter = Counter()
-    for ex in examples:
-        c.update(s["reason"] for s in ex.skipped)
-    return c
