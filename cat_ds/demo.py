@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]  # configs live in the repo checkout,
 DEMO_CONFIG = REPO / "configs" / "demo_stg.yaml"
 PRETRAIN_CONFIG = REPO / "configs" / "demo_pretrain.yaml"
 PRETRAIN_RECORDS = 38_400  # 600 steps x 64
-DS_CONFIG = REPO / "ds_configs" / "zero3.json"
+# The recipe's optimizer (docs/demo_recipe.md): AdamW betas (0.9, 0.98), cosine decay to 10 % of lr.
+DS_CONFIG = REPO / "ds_configs" / "zero3_cosine.json"
 EXPERIMENT = "cat-ds-demo"
 
 

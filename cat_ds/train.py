@@ -57,4 +57,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    from cat_ds.engine.distributed import exit_process
+
+    exit_process(code)  # skips interpreter finalisation: see its docstring

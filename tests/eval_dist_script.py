@@ -46,3 +46,6 @@ def main(model_dir, data, out, batch_size, mode, cfg_path=None):
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    from cat_ds.engine.distributed import exit_process
+
+    exit_process(0)  # as cat_ds/train.py: no interpreter finalisation racing gloo's threads

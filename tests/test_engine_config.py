@@ -131,3 +131,13 @@ def test_fresh_run_refuses_an_output_dir_with_checkpoints(tmp_path):
     with pytest.raises(ConfigError, match="already holds checkpoints .* --resume auto"):
         check(cfg, ds, 2, resume="none")
     check(cfg, ds, 2, resume="auto")
+
+
+def test_exit_process_flushes_stdio_and_keeps_the_exit_code():
+    # Piped stdout is block-buffered and os._exit skips Python's own flush: without the explicit
+    # flush a rank's last lines (the summary, "run finished") would be lost.
+    code = ("import sys; print('last line'); print('to stderr', file=sys.stderr)\n"
+            "from cat_ds.engine.distributed import exit_process\nexit_process(3)\nprint('never')")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 3
+    assert p.stdout == "last line\n" and "to stderr" in p.stderr

@@ -115,3 +115,20 @@ def broadcast_object(obj, src: int = 0):
 def shutdown() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """End a rank's process after `shutdown()` without Python's interpreter finalisation.
+
+    Why: gloo's worker threads may still be releasing their last work when Python finalises;
+    one that then needs the GIL is killed by the interpreter mid-C++ frame and the process
+    aborts ("terminate called without an active exception", SIGABRT) although the run had
+    finished cleanly: seen once in CI on both ranks of a 2-rank gloo job. Everything the run
+    owns is closed by now (checkpoints, metrics.jsonl, the MLflow pusher joins on close), so
+    only stdio needs flushing."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe must not turn success into a traceback
+            pass
+    os._exit(code)

@@ -1,9 +1,11 @@
 """Attention diagnostics: a fixed probe set of supervised records, scored at every eval, so a
 user sees CAT move attention. Per layer l (all heads): per supervised row, mass on the causal
 columns C, a1 = mass_C/|C|, a0 = (1 - mass_C)/|N|, ratio = a1/a0 (CAT_SPEC section 4);
-logged as the mean ratio over rows: `probe/attn_ratio/layer_<l>` and over all layers
-`probe/attn_ratio`. Same number for base and CAT runs (the attention function only measures),
-so the two curves are comparable.
+logged as the median ratio over rows: `probe/attn_ratio/layer_<l>`, and its mean over layers
+`probe/attn_ratio`. The median, not the mean: once CAT has trained, a layer can put all of a
+row's attention on C, and 1 - mass_C is then fp32 rounding noise (1e-8, even negative) that
+would turn a mean into +-1e6; a0 is floored at A0_FLOOR for the same reason. Same number for
+base and CAT runs (the attention function only measures), so the two curves are comparable.
 
 Under ZeRO-3 every rank runs the same probe forward (parameter gathers are collective); the
 result is identical on every rank.
@@ -14,6 +16,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+
+A0_FLOOR = 1e-9  # below fp32's resolution of 1 - mass_C for |N| up to ~100
 
 
 def probe_batch(tokenizer, records: Sequence, max_length: int | None = 256, limit: int = 16) -> dict | None:
@@ -64,8 +68,8 @@ def probe_attention(model, batch: dict, prefix: str = "probe/attn_ratio") -> dic
     for layer in layers:
         mass_c = ctx.mass[layer].double().sum(dim=1) / ctx.num_heads_for(layer)
         a1 = mass_c / n_c.clamp(min=1)
-        a0 = (1 - mass_c) / n_n.clamp(min=1)
-        r = float((a1[counted] / a0[counted]).mean()) if bool(counted.any()) else float("nan")
+        a0 = ((1 - mass_c) / n_n.clamp(min=1)).clamp(min=A0_FLOOR)
+        r = float((a1[counted] / a0[counted]).median()) if bool(counted.any()) else float("nan")
         out[f"{prefix}/layer_{layer}"] = r
         ratios.append(r)
     out[prefix] = sum(ratios) / len(ratios)
