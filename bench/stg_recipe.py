@@ -50,14 +50,12 @@ from cat_ds.data.collate import CatCollator  # noqa: E402
 from cat_ds.data.numbers import GENERIC_NAMES, numbers_record  # noqa: E402
 from cat_ds.data.records import CatRecord, load_records  # noqa: E402
 from cat_ds.data.spans import tokenize_example  # noqa: E402
-from cat_ds.data.stg import stg_label, write_stg  # noqa: E402
+from cat_ds.data.stg import STG_NAMES, stg_label, write_stg  # noqa: E402
 from cat_ds.data.tokenizers import load_tokenizer, train_tokenizer  # noqa: E402
 from cat_ds.evaluation.generate import generate_batch, prompt_ids  # noqa: E402
 from cat_ds.reattention import CatContext, amplitude, log_stats, reattention_loss, select  # noqa: E402
 
 # ------------------------------------------------------------------ generic pre-training text
-STG_NAMES = ["Smoking", "Weight", "Exercise", "Yellow fingers", "Clothing size", "Hormones", "Certain gene",
-             "Room size"]
 
 
 def make_rules(rng: random.Random, names: list[str], n_rules: int) -> list[tuple[list[str], list[float], float]]:

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]  # configs live in the repo checkout,
 DEMO_CONFIG = REPO / "configs" / "demo_stg.yaml"
 PRETRAIN_CONFIG = REPO / "configs" / "demo_pretrain.yaml"
 PRETRAIN_RECORDS = 38_400  # 600 steps x 64
+TOKENIZER_NUMBERS_LINES = 5_000
 # The recipe's optimizer (docs/demo_recipe.md): AdamW betas (0.9, 0.98), cosine decay to 10 % of lr.
 DS_CONFIG = REPO / "ds_configs" / "zero3_cosine.json"
 EXPERIMENT = "cat-ds-demo"
@@ -26,10 +27,9 @@ EXPERIMENT = "cat-ds-demo"
 
 def prepare_data(out: Path, task: str, size: str, seed: int = 0, vocab_size: int = 512) -> tuple[Path, Path]:
     """Generated data dir and tokenizer dir under `out` (reused when already there)."""
-    from cat_ds.data.stg import write_stg
+    from cat_ds.data.numbers import GENERIC_NAMES, numbers_corpus, write_numbers
+    from cat_ds.data.stg import STG_NAMES, write_stg
     from cat_ds.data.tokenizers import train_tokenizer
-
-    from cat_ds.data.numbers import write_numbers
 
     data_dir = out / "data" / f"{task}_{size}"
     tok_dir = out / "data" / f"{task}_{size}" / "tokenizer"
@@ -42,7 +42,13 @@ def prepare_data(out: Path, task: str, size: str, seed: int = 0, vocab_size: int
         write_numbers(numbers, PRETRAIN_RECORDS, seed=seed)
     if not (tok_dir / "tokenizer.json").exists():
         click.echo(f"[demo] training a byte-level BPE tokenizer (vocab {vocab_size}) -> {tok_dir}")
-        train_tokenizer([data_dir / "train.jsonl", data_dir / "test_ood.jsonl", numbers], "bpe", vocab_size, tok_dir)
+        # Task text plus a *small* numbers sample, as in the recipe search. Why it matters: fed
+        # all 38,400 numbers lines, a 512-token BPE spends its merges on them and splits the label
+        # " Low" into " L" "o" "w"; CAT then no longer helped OOD at all (docs/demo_recipe.md).
+        extra = tok_dir.parent / "tokenizer_numbers.txt"
+        lines = numbers_corpus(TOKENIZER_NUMBERS_LINES, seed, GENERIC_NAMES + STG_NAMES)
+        extra.write_text("\n".join(r.text for r in lines) + "\n", encoding="utf-8")
+        train_tokenizer([data_dir / "train.jsonl", data_dir / "test_ood.jsonl", extra], "bpe", vocab_size, tok_dir)
     return data_dir, tok_dir
 
 

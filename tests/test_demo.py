@@ -27,3 +27,11 @@ def test_demo_quick_logs_both_modes_and_compares(tmp_path):
         for k in ("eval/iid/accuracy", "eval/ood/accuracy"):
             assert 0.0 <= r.data.metrics[k] <= 1.0, (k, r.data.metrics)
         assert r.data.metrics["eval/iid/n"] == 40
+
+    # The labels stay whole tokens: a tokenizer fed mostly pre-training text split " Low" into
+    # " L" "o" "w", and CAT then stopped helping OOD (docs/demo_recipe.md, "Tokenizer").
+    from cat_ds.data.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(out / "data" / "stg_M" / "tokenizer")
+    for label in (" Low Risk", " High Risk"):
+        assert len(tok.tokenize(label)) == 2, tok.tokenize(label)

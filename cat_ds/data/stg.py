@@ -19,6 +19,9 @@ GENERATOR_VERSION = 1
 # ---------------------------------------------------------------- STG ("cancer risk")
 STG_PROMPT = "Here is the statistical data for a person. Please predict the probability of cancer. "
 STG_SIZES = {"S": 400, "M": 800, "L": 1600}
+# The eight variables of an STG record (causal: the first three; the twins; two distractors).
+STG_NAMES = ["Smoking", "Weight", "Exercise", "Yellow fingers", "Clothing size", "Hormones", "Certain gene",
+             "Room size"]
 STG_TEST_SIZE = 400
 # Label bands. "paper": the research code's degenerate middle band 2.7 <= v <= 2.7 (about
 # 1 record in 800); "two": High/Low only; "three": a real band 2.7 <= v <= 7.2.
