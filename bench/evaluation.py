@@ -6,8 +6,8 @@ the IID/OOD callbacks and `cat-ds eval`) on STG test records, one process.
 
 `--model DIR`: a trained export (e.g. a demo run's `export/`, tokenizer included); it answers
 and stops at the newline like a real evaluation. Without it: a random-init model from
-`--model-config` with a freshly trained tokenizer; it never stops early, so every record runs
-the whole `max_new_tokens` budget (the worst case).
+`--model-config` with a freshly trained tokenizer: garbage answers, stopping wherever it
+happens to emit EOS or a newline (a throughput figure, not an accuracy one).
 """
 
 from __future__ import annotations

@@ -259,6 +259,8 @@ def parse_args(argv=None):
     a("--pretrain-task", default="questions", choices=["questions", "rules", "mix"])
     a("--pretrain-rules", type=int, default=32, help="number of fixed rules for --pretrain-task rules/mix")
     a("--eval-train", action="store_true", help="also report train accuracy")
+    a("--init-from", help="a saved model dir with its tokenizer (e.g. a demo's runs/pretrain/export): every run "
+                           "starts from it; no tokenizer training, no --pretrain-steps")
     a("--verbose", action="store_true")
     return ap.parse_args(argv)
 
@@ -272,7 +274,9 @@ def main(argv=None) -> None:
     if not (data_dir / "meta.json").exists():
         write_stg(data_dir, task="stg", train_size=args.size, seed=args.data_seed, classes=args.classes)
     names = GENERIC_NAMES + (STG_NAMES if args.pretrain_names == "generic+stg" else [])
-    tok_dir = out / f"tok_{args.vocab}"
+    tok_dir = Path(args.init_from) if args.init_from else out / f"tok_{args.vocab}"
+    if args.init_from and (args.pretrain_steps or not (tok_dir / "tokenizer.json").exists()):
+        raise SystemExit(f"--init-from {tok_dir}: needs a model dir with its tokenizer, and no --pretrain-steps")
     if not (tok_dir / "tokenizer.json").exists():
         # Same tokenizer for every run: STG text plus generic numbers text (with the STG names too).
         corpus = out / "numbers_for_tokenizer.txt"
@@ -321,6 +325,11 @@ def main(argv=None) -> None:
             model = build_model(args, tok, seed)
             if pre_state is not None:
                 model.load_state_dict(pre_state)
+            if args.init_from:  # an engine-trained checkpoint (e.g. the demo's pre-training)
+                from transformers import AutoModelForCausalLM
+
+                model = AutoModelForCausalLM.from_pretrained(args.init_from)
+                model.set_attn_implementation("cat_sdpa")
             st = train(model, train_ex, collate, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=seed,
                        args=args, cat=(mode == "cat"), tag=f"{mode}/{seed}")
             train_s = time.time() - t1

@@ -40,12 +40,16 @@ def prepare_data(out: Path, task: str, size: str, seed: int = 0, vocab_size: int
     if not numbers.exists():
         click.echo(f"[demo] generating {PRETRAIN_RECORDS} generic numbers questions for pre-training -> {numbers}")
         write_numbers(numbers, PRETRAIN_RECORDS, seed=seed)
+    extra = tok_dir.parent / "tokenizer_numbers.txt"
+    if (tok_dir / "tokenizer.json").exists() and not extra.exists():
+        raise click.ClickException(
+            f"{out} holds a tokenizer from an earlier cat-ds demo (trained on all the pre-training text; it splits "
+            f"the STG labels) and models trained with it: remove {out} or pass a fresh --out")
     if not (tok_dir / "tokenizer.json").exists():
         click.echo(f"[demo] training a byte-level BPE tokenizer (vocab {vocab_size}) -> {tok_dir}")
         # Task text plus a *small* numbers sample, as in the recipe search. Why it matters: fed
         # all 38,400 numbers lines, a 512-token BPE spends its merges on them and splits the label
         # " Low" into " L" "o" "w"; CAT then no longer helped OOD at all (docs/demo_recipe.md).
-        extra = tok_dir.parent / "tokenizer_numbers.txt"
         lines = numbers_corpus(TOKENIZER_NUMBERS_LINES, seed, GENERIC_NAMES + STG_NAMES)
         extra.write_text("\n".join(r.text for r in lines) + "\n", encoding="utf-8")
         train_tokenizer([data_dir / "train.jsonl", data_dir / "test_ood.jsonl", extra], "bpe", vocab_size, tok_dir)

@@ -35,3 +35,15 @@ def test_demo_quick_logs_both_modes_and_compares(tmp_path):
     tok = load_tokenizer(out / "data" / "stg_M" / "tokenizer")
     for label in (" Low Risk", " High Risk"):
         assert len(tok.tokenize(label)) == 2, tok.tokenize(label)
+
+
+def test_demo_refuses_an_out_dir_from_the_earlier_tokenizer(tmp_path):
+    # An earlier demo's tokenizer split the labels; reusing it (and the models trained with it)
+    # would silently reproduce the old results: refuse, and say what to do.
+    tok = tmp_path / "demo" / "data" / "stg_M" / "tokenizer"
+    tok.mkdir(parents=True)
+    (tok / "tokenizer.json").write_text("{}")
+    p = subprocess.run([str(VENV_BIN / "cat-ds"), "demo", "--quick", "--out", str(tmp_path / "demo")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert "earlier cat-ds demo" in p.stderr and "pass a fresh --out" in p.stderr, p.stderr[-2000:]

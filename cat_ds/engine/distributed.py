@@ -22,9 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
-# DeepSpeed 0.19's ZeRO-3 calls a torch collective that torch 2.13 deprecates: one
-# FutureWarning per call (hundreds per step) would bury every log. Nothing for users to do.
-warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
+# DeepSpeed 0.19's ZeRO-3 calls torch collectives that torch 2.13 deprecates: one
+# FutureWarning per call (hundreds per step, thousands per evaluation) would bury every log.
+# Nothing for users to do.
+warnings.filterwarnings("ignore", message=r".*(reduce_scatter_tensor|all_gather_into_tensor).* is deprecated",
+                        category=FutureWarning)
 
 
 @dataclass
