@@ -49,7 +49,7 @@ def prepare_data(out: Path, task: str, size: str, seed: int = 0, vocab_size: int
         click.echo(f"[demo] training a byte-level BPE tokenizer (vocab {vocab_size}) -> {tok_dir}")
         # Task text plus a *small* numbers sample, as in the recipe search. Why it matters: fed
         # all 38,400 numbers lines, a 512-token BPE spends its merges on them and splits the label
-        # " Low" into " L" "o" "w"; CAT then no longer helped OOD at all (docs/demo_recipe.md).
+        # " Low" into " L" "o" "w", and CAT gained nothing from it (docs/demo_recipe.md).
         lines = numbers_corpus(TOKENIZER_NUMBERS_LINES, seed, GENERIC_NAMES + STG_NAMES)
         extra.write_text("\n".join(r.text for r in lines) + "\n", encoding="utf-8")
         train_tokenizer([data_dir / "train.jsonl", data_dir / "test_ood.jsonl", extra], "bpe", vocab_size, tok_dir)

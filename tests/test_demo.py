@@ -29,7 +29,7 @@ def test_demo_quick_logs_both_modes_and_compares(tmp_path):
         assert r.data.metrics["eval/iid/n"] == 40
 
     # The labels stay whole tokens: a tokenizer fed mostly pre-training text split " Low" into
-    # " L" "o" "w", and CAT then stopped helping OOD (docs/demo_recipe.md, "Tokenizer").
+    # " L" "o" "w", and CAT gained nothing from it (docs/demo_recipe.md, "Tokenizer").
     from cat_ds.data.tokenizers import load_tokenizer
 
     tok = load_tokenizer(out / "data" / "stg_M" / "tokenizer")
