@@ -51,7 +51,8 @@ from cat_ds.data.numbers import GENERIC_NAMES, numbers_record  # noqa: E402
 from cat_ds.data.records import CatRecord, load_records  # noqa: E402
 from cat_ds.data.spans import tokenize_example  # noqa: E402
 from cat_ds.data.stg import STG_NAMES, stg_label, write_stg  # noqa: E402
-from cat_ds.data.tokenizers import load_tokenizer, train_tokenizer  # noqa: E402
+from cat_ds.data.tokenizers import load_tokenizer  # noqa: E402
+from cat_ds.demo import train_stg_tokenizer  # noqa: E402
 from cat_ds.evaluation.generate import generate_batch, prompt_ids  # noqa: E402
 from cat_ds.reattention import CatContext, amplitude, log_stats, reattention_loss, select  # noqa: E402
 
@@ -277,11 +278,8 @@ def main(argv=None) -> None:
     tok_dir = Path(args.init_from) if args.init_from else out / f"tok_{args.vocab}"
     if args.init_from and (args.pretrain_steps or not (tok_dir / "tokenizer.json").exists()):
         raise SystemExit(f"--init-from {tok_dir}: needs a model dir with its tokenizer, and no --pretrain-steps")
-    if not (tok_dir / "tokenizer.json").exists():
-        # Same tokenizer for every run: STG text plus generic numbers text (with the STG names too).
-        corpus = out / "numbers_for_tokenizer.txt"
-        corpus.write_text("\n".join(r.text for r in numbers_corpus(5000, 0, GENERIC_NAMES + STG_NAMES)) + "\n")
-        train_tokenizer([data_dir / "train.jsonl", data_dir / "test_ood.jsonl", corpus], "bpe", args.vocab, tok_dir)
+    if not (tok_dir / "tokenizer.json").exists():  # same tokenizer for every run, and as the demo's
+        train_stg_tokenizer(data_dir, tok_dir, out / "numbers_for_tokenizer.txt", args.vocab)
     tok = load_tokenizer(tok_dir)
     collate = CatCollator(tok.pad_token_id)
     recs = {s: load_records(data_dir / f"{s}.jsonl") for s in ("train", "test_iid", "test_ood")}
@@ -322,14 +320,15 @@ def main(argv=None) -> None:
     for mode in args.modes.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
             t1 = time.time()
-            model = build_model(args, tok, seed)
-            if pre_state is not None:
-                model.load_state_dict(pre_state)
             if args.init_from:  # an engine-trained checkpoint (e.g. the demo's pre-training)
                 from transformers import AutoModelForCausalLM
 
                 model = AutoModelForCausalLM.from_pretrained(args.init_from)
                 model.set_attn_implementation("cat_sdpa")
+            else:
+                model = build_model(args, tok, seed)
+                if pre_state is not None:
+                    model.load_state_dict(pre_state)
             st = train(model, train_ex, collate, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=seed,
                        args=args, cat=(mode == "cat"), tag=f"{mode}/{seed}")
             train_s = time.time() - t1

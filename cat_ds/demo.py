@@ -27,9 +27,8 @@ EXPERIMENT = "cat-ds-demo"
 
 def prepare_data(out: Path, task: str, size: str, seed: int = 0, vocab_size: int = 512) -> tuple[Path, Path]:
     """Generated data dir and tokenizer dir under `out` (reused when already there)."""
-    from cat_ds.data.numbers import GENERIC_NAMES, numbers_corpus, write_numbers
-    from cat_ds.data.stg import STG_NAMES, write_stg
-    from cat_ds.data.tokenizers import train_tokenizer
+    from cat_ds.data.numbers import write_numbers
+    from cat_ds.data.stg import write_stg
 
     data_dir = out / "data" / f"{task}_{size}"
     tok_dir = out / "data" / f"{task}_{size}" / "tokenizer"
@@ -47,13 +46,23 @@ def prepare_data(out: Path, task: str, size: str, seed: int = 0, vocab_size: int
             f"the STG labels) and models trained with it: remove {out} or pass a fresh --out")
     if not (tok_dir / "tokenizer.json").exists():
         click.echo(f"[demo] training a byte-level BPE tokenizer (vocab {vocab_size}) -> {tok_dir}")
-        # Task text plus a *small* numbers sample, as in the recipe search. Why it matters: fed
-        # all 38,400 numbers lines, a 512-token BPE spends its merges on them and splits the label
-        # " Low" into " L" "o" "w", and CAT gained nothing from it (docs/demo_recipe.md).
-        lines = numbers_corpus(TOKENIZER_NUMBERS_LINES, seed, GENERIC_NAMES + STG_NAMES)
-        extra.write_text("\n".join(r.text for r in lines) + "\n", encoding="utf-8")
-        train_tokenizer([data_dir / "train.jsonl", data_dir / "test_ood.jsonl", extra], "bpe", vocab_size, tok_dir)
+        train_stg_tokenizer(data_dir, tok_dir, extra, vocab_size, seed)
     return data_dir, tok_dir
+
+
+def train_stg_tokenizer(data_dir: Path, tok_dir: Path, numbers_text: Path, vocab_size: int = 512, seed: int = 0):
+    """The demo's (and the recipe search's) tokenizer: STG train + OOD text plus a *small*
+    numbers sample written to `numbers_text`. Why small: fed all 38,400 pre-training lines, a
+    512-token BPE spends its merges on them and splits the label " Low" into " L" "o" "w", and
+    CAT gained nothing from it (docs/demo_recipe.md)."""
+    from cat_ds.data.numbers import GENERIC_NAMES, numbers_corpus
+    from cat_ds.data.stg import STG_NAMES
+    from cat_ds.data.tokenizers import train_tokenizer
+
+    lines = numbers_corpus(TOKENIZER_NUMBERS_LINES, seed, GENERIC_NAMES + STG_NAMES)
+    numbers_text.write_text("\n".join(r.text for r in lines) + "\n", encoding="utf-8")
+    return train_tokenizer([data_dir / "train.jsonl", data_dir / "test_ood.jsonl", numbers_text], "bpe",
+                           vocab_size, tok_dir)
 
 
 def show_masks(data_dir: Path, tok_dir: Path) -> dict:
