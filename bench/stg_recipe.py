@@ -85,14 +85,15 @@ def rule_record(rng: random.Random, names: list[str], rules) -> CatRecord:
 
 
 def numbers_corpus(n: int, seed: int, names: list[str], kind: str = "questions", n_rules: int = 32,
-                   rule_seed: int = 0) -> list[CatRecord]:
+                   rule_seed: int = 0, kind_weights: tuple[float, ...] | None = None,
+                   questions: int = 1) -> list[CatRecord]:
     """`questions`: `numbers_record`; `rules`: `rule_record` over `n_rules` fixed rules; `mix`: half each."""
     rng = random.Random(f"cat-ds/numbers/{seed}")
     rules = make_rules(random.Random(f"cat-ds/rules/{rule_seed}"), names, n_rules)
     out = []
     for i in range(n):
         use_rule = kind == "rules" or (kind == "mix" and i % 2 == 1)
-        out.append(rule_record(rng, names, rules) if use_rule else numbers_record(rng, names))
+        out.append(rule_record(rng, names, rules) if use_rule else numbers_record(rng, names, kind_weights, questions))
     return out
 
 
@@ -133,7 +134,7 @@ def train(model, examples, collate, *, epochs: int, lr: float, batch_size: int, 
     model.train()
     step, stats = 0, {}
     for epoch in range(epochs):
-        lm_sum = cat_sum = ratio_sum = 0.0
+        lm_sum = cat_sum = ratio_sum = window = 0.0
         nb = 0
         for idx in torch.randperm(len(examples), generator=g).split(batch_size):
             batch = collate([examples[i] for i in idx])
@@ -164,9 +165,11 @@ def train(model, examples, collate, *, epochs: int, lr: float, batch_size: int, 
             sched.step()
             step += 1
             lm_sum += float(lm.detach())
+            window += float(lm.detach())
             nb += 1
-            if args.verbose and epochs == 1 and step % 100 == 0:
-                print(f"[{tag}] step {step} lm_loss={lm_sum / nb:.4f}", file=sys.stderr, flush=True)
+            if args.verbose and epochs == 1 and step % 100 == 0:  # mean of the last 100 steps
+                print(f"[{tag}] step {step} lm_loss={window / 100:.4f}", file=sys.stderr, flush=True)
+                window = 0.0
         stats = {"lm_loss": lm_sum / nb, "cat_loss": cat_sum / nb if cat else None,
                  "train_ratio": ratio_sum / nb if cat else None}
         if args.verbose and (epoch % max(1, epochs // 10) == 0 or epoch == epochs - 1):
@@ -255,13 +258,19 @@ def parse_args(argv=None):
     a("--pretrain-steps", type=int, default=0, help="0: train from scratch")
     a("--pretrain-lr", type=float, default=2e-3)
     a("--pretrain-batch-size", type=int, default=64)
-    a("--pretrain-names", default="generic", choices=["generic", "generic+stg"])
+    a("--pretrain-names", default="generic", choices=["generic", "generic+stg", "generic1"],
+      help="generic1: only the generic names that are one token")
     a("--pretrain-seed", type=int, default=0)
     a("--pretrain-task", default="questions", choices=["questions", "rules", "mix"])
+    a("--pretrain-kinds", default="", help="weights of the question kinds (lookup, compare, threshold, "
+                                            "sum_threshold, sum), e.g. 4,1,1,1,1; empty: uniform")
+    a("--pretrain-questions", type=int, default=1, help="questions per pre-training record (numbers_record)")
     a("--pretrain-rules", type=int, default=32, help="number of fixed rules for --pretrain-task rules/mix")
     a("--eval-train", action="store_true", help="also report train accuracy")
     a("--init-from", help="a saved model dir with its tokenizer (e.g. a demo's runs/pretrain/export): every run "
                            "starts from it; no tokenizer training, no --pretrain-steps")
+    a("--save-dir", help="save every fine-tuned model (with its tokenizer) to SAVE_DIR/<mode>_s<seed>, e.g. for "
+                         "bench/stg_shortcut.py")
     a("--verbose", action="store_true")
     return ap.parse_args(argv)
 
@@ -281,6 +290,8 @@ def main(argv=None) -> None:
     if not (tok_dir / "tokenizer.json").exists():  # same tokenizer for every run, and as the demo's
         train_stg_tokenizer(data_dir, tok_dir, out / "numbers_for_tokenizer.txt", args.vocab)
     tok = load_tokenizer(tok_dir)
+    if args.pretrain_names == "generic1":
+        names = [n for n in GENERIC_NAMES if len(tok(" " + n, add_special_tokens=False)["input_ids"]) == 1]
     collate = CatCollator(tok.pad_token_id)
     recs = {s: load_records(data_dir / f"{s}.jsonl") for s in ("train", "test_iid", "test_ood")}
     train_ex = [tokenize_example(r, tok) for r in recs["train"]]
@@ -288,10 +299,13 @@ def main(argv=None) -> None:
     prep_s = time.time() - t0
 
     pre_state, pre_s = None, 0.0
+    kinds = tuple(float(w) for w in args.pretrain_kinds.split(",")) if args.pretrain_kinds else None
     if args.pretrain_steps:
         key = json.dumps([args.pretrain_steps, args.pretrain_lr, args.pretrain_batch_size, args.pretrain_names,
                           args.pretrain_seed, args.pretrain_task, args.pretrain_rules, args.layers, args.hidden,
-                          args.heads, args.ffn, args.vocab, args.weight_decay, args.warmup, args.schedule, args.clip])
+                          args.heads, args.ffn, args.vocab, args.weight_decay, args.warmup, args.schedule, args.clip]
+                         + ([args.pretrain_kinds] if args.pretrain_kinds else [])
+                         + ([args.pretrain_questions] if args.pretrain_questions > 1 else []))  # old cache keys stay valid
         ckpt = out / f"pretrained_{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
         if ckpt.exists():
             pre_state = torch.load(ckpt)
@@ -301,7 +315,8 @@ def main(argv=None) -> None:
             model = build_model(args, tok, args.pretrain_seed)
             n = args.pretrain_steps * args.pretrain_batch_size
             pre_ex = [tokenize_example(r, tok) for r in numbers_corpus(n, args.pretrain_seed, names, args.pretrain_task,
-                                                                   args.pretrain_rules, args.pretrain_seed)]
+                                                                   args.pretrain_rules, args.pretrain_seed, kinds,
+                                                                   args.pretrain_questions)]
             st = train(model, pre_ex, collate, epochs=1, lr=args.pretrain_lr, batch_size=args.pretrain_batch_size,
                        seed=args.pretrain_seed, args=args, cat=False, tag="pretrain")
             pre_s = time.time() - t1
@@ -317,7 +332,7 @@ def main(argv=None) -> None:
 
     cfg_echo = {k: v for k, v in vars(args).items() if k not in ("out", "verbose", "modes", "seeds")}
     results: dict[str, list[dict]] = {}
-    for mode in args.modes.split(","):
+    for mode in [m for m in args.modes.split(",") if m]:  # --modes "": pre-train only
         for seed in [int(s) for s in args.seeds.split(",")]:
             t1 = time.time()
             if args.init_from:  # an engine-trained checkpoint (e.g. the demo's pre-training)
@@ -332,6 +347,9 @@ def main(argv=None) -> None:
             st = train(model, train_ex, collate, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=seed,
                        args=args, cat=(mode == "cat"), tag=f"{mode}/{seed}")
             train_s = time.time() - t1
+            if args.save_dir:
+                model.save_pretrained(Path(args.save_dir) / f"{mode}_s{seed}")
+                tok.save_pretrained(Path(args.save_dir) / f"{mode}_s{seed}")
             t2 = time.time()
             iid = evaluate(model, tok, recs["test_iid"])
             ood = evaluate(model, tok, recs["test_ood"])

@@ -1,26 +1,18 @@
 """bench/stg_recipe.py: the generic pre-training text and a tiny end-to-end run."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
-
-_PATH = Path(__file__).resolve().parents[1] / "bench" / "stg_recipe.py"
+from conftest import load_bench_script
 
 
 @pytest.fixture(scope="module")
 def recipe():
-    spec = importlib.util.spec_from_file_location("stg_recipe", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["stg_recipe"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("stg_recipe")
 
 
 def test_generic_pretraining_has_no_stg_names_and_independent_values(recipe):

@@ -1,0 +1,52 @@
+"""bench/stg_shortcut.py: twin rewriting and the answer-row attention table on a tiny model."""
+from __future__ import annotations
+
+import re
+
+import pytest
+from conftest import load_bench_script, tiny_model
+
+
+@pytest.fixture(scope="module")
+def shortcut():
+    return load_bench_script("stg_shortcut")
+
+
+def test_consistent_twins_follow_the_training_rule(shortcut):
+    from cat_ds.data.records import CatRecord
+
+    text = ("Here is the data. Yellow fingers: 2, Smoking: 9, Weight: 4, Hormones: 7, Exercise: 5, "
+            "Clothing size: 1, Certain gene: 3, Room size: 8 Answer: ")
+    out = shortcut.consistent_twins(CatRecord(text, "High Risk", None))
+    assert "Yellow fingers: 13," in out.input and "Clothing size: 4," in out.input and "Hormones: 2," in out.input
+    assert re.sub(r"(Yellow fingers|Clothing size|Hormones): \d+", "", out.input) == \
+        re.sub(r"(Yellow fingers|Clothing size|Hormones): \d+", "", text)  # nothing else moved
+    assert out.target == "High Risk"
+
+
+def test_report_on_a_tiny_model(shortcut, tmp_path, capsys):
+    from cat_ds.data.records import load_records
+    from cat_ds.data.stg import write_stg
+    from cat_ds.data.tokenizers import load_tokenizer
+    from cat_ds.demo import train_stg_tokenizer
+
+    write_stg(tmp_path / "data", task="stg", train_size="S", seed=0)
+    train_stg_tokenizer(tmp_path / "data", tmp_path / "tok", tmp_path / "numbers.txt", 512)
+    tok = load_tokenizer(tmp_path / "tok")
+    model = tiny_model(vocab_size=len(tok), hidden=32, heads=2, gqa=False)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+
+    records = load_records(tmp_path / "data" / "test_ood.jsonl")[:5]
+    with pytest.raises(ValueError, match="eager"):
+        shortcut.answer_row_mass(model.eval(), tok, records)
+    model.set_attn_implementation("eager")
+    mass = shortcut.answer_row_mass(model, tok, records)
+    assert mass.shape == (2, 2, 3)
+    assert mass.sum(-1).sub(1).abs().max() < 1e-5  # each head's row is a distribution over the prompt
+    assert (mass[..., :2] > 0.05).all()  # an untrained model spreads over causal items and twins alike
+
+    shortcut.main(["--data", str(tmp_path / "data"), "--model", str(tmp_path / "model"), "--attention-records", "3"])
+    out = capsys.readouterr().out
+    assert re.search(r"OOD accuracy \d\.\d{4}; with consistent twins \d\.\d{4}", out)
+    assert out.count("layer ") == 2 and out.count("h1 ") == 2
