@@ -207,6 +207,26 @@ def evaluate(model, tok, records, batch_size: int = 200, stg: bool = True) -> di
 
 
 @torch.no_grad()
+def probe_by_kind(model, tok, names: list[str], n: int = 500) -> dict[str, float]:
+    """Greedy accuracy per question kind on `n` fresh one-question numbers records (the first
+    answer only, so a model pre-trained with several questions per record is judged the same way)."""
+    model.eval()
+    rng = random.Random("cat-ds/probe-kinds")
+    records = [numbers_record(rng, names) for _ in range(n)]
+    preds = []
+    for i in range(0, n, 250):
+        chunk = records[i:i + 250]
+        preds += generate_batch(model, tok, [prompt_ids(tok, r.input, r.target) for r in chunk], max_new_tokens=4)
+    hits: dict[str, list[bool]] = {}
+    for p, r in zip(preds, records):
+        q = r.input.split("Question: ")[1]
+        kind = ("sum" if q.startswith("What") else "sum_threshold") if " plus " in q else \
+            "lookup" if q.startswith("What") else "compare" if " greater than " in q else "threshold"
+        hits.setdefault(kind, []).append(p.split(".")[0].strip() == r.target)
+    return {k: round(sum(v) / len(v), 3) for k, v in sorted(hits.items())}
+
+
+@torch.no_grad()
 def attention_ratio(model, examples, collate, batch_size: int = 100) -> float:
     """Mean a1/a0 over the answer rows (teacher forced), all layers and heads."""
     model.eval()
@@ -329,6 +349,18 @@ def main(argv=None) -> None:
                                                              "probe_acc": pre_acc, "key": key}) + "\n")
             print(json.dumps({"pretrain": True, "steps": args.pretrain_steps, "lm_loss": round(st["lm_loss"], 4),
                               "probe_acc": pre_acc, "pretrain_s": round(pre_s, 1)}), flush=True)
+
+    if (pre_state is not None or args.init_from) and not [m for m in args.modes.split(",") if m]:
+        # --modes "": probe the pre-trained checkpoint (or the --init-from model) by question kind
+        if args.init_from:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(args.init_from)
+        else:
+            model = build_model(args, tok, 0)
+            model.load_state_dict(pre_state)
+        print(json.dumps({"probe_by_kind": {"names": args.pretrain_names, **probe_by_kind(model, tok, names)},
+                          "probe_by_kind_stg_names": probe_by_kind(model, tok, STG_NAMES)}), flush=True)
 
     cfg_echo = {k: v for k, v in vars(args).items() if k not in ("out", "verbose", "modes", "seeds")}
     results: dict[str, list[dict]] = {}

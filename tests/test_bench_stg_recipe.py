@@ -83,3 +83,19 @@ def test_init_from_a_saved_checkpoint_starts_every_run_from_it(recipe, tmp_path,
     assert len(rows) == 4 and {r["ratio_ood"] for r in rows} == {want}
     with pytest.raises(SystemExit, match="--init-from"):
         recipe.main(common + ["--pretrain-steps", "3"])
+
+
+@pytest.mark.slow
+def test_pretrain_only_probes_the_checkpoint_by_question_kind(recipe, tmp_path, capsys):
+    """--modes "": pre-train (or reuse the cached checkpoint) and report accuracy per question kind."""
+    argv = ["--out", str(tmp_path), "--size", "S", "--hidden", "32", "--layers", "2", "--heads", "2",
+            "--pretrain-steps", "3", "--pretrain-batch-size", "8", "--pretrain-questions", "2", "--modes", ""]
+    for call in range(2):  # the second call reuses the cached checkpoint and probes it again
+        recipe.main(argv)
+        lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+        assert [("pretrain" in x) for x in lines[:-1]] == ([True, False] if call == 0 else [False])
+        probe = lines[-2]
+        kinds = {"lookup", "compare", "threshold", "sum_threshold", "sum"}
+        assert set(probe["probe_by_kind"]) == kinds | {"names"} and set(probe["probe_by_kind_stg_names"]) == kinds
+        assert all(0 <= v <= 1 for v in probe["probe_by_kind_stg_names"].values())
+        assert not any("mode" in x for x in lines)
