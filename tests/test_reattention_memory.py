@@ -41,7 +41,7 @@ def test_cat_path_allocates_no_t_by_t_tensor(checkpointing):
     model = tiny_model("llama", dtype=torch.float32, hidden=32, heads=4)
     model.set_attn_implementation("cat_sdpa")
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()
     batch = _batch()
     ctx = CatContext.from_batch(batch, layers=[0, 1], num_heads=4)

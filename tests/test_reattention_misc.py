@@ -22,18 +22,18 @@ def _ctx(model, batch, **kw):
 def test_reentrant_checkpointing_refused_non_reentrant_accepted():
     model = tiny_model()
     check_gradient_checkpointing(model)  # off: fine
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     with pytest.raises(ValueError, match="reentrant gradient checkpointing"):
         check_gradient_checkpointing(model)
-    model.gradient_checkpointing_disable()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={})  # torch's default is reentrant
+    model.activation_checkpointing_disable()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={})  # torch's default is reentrant
     with pytest.raises(ValueError, match="use_reentrant"):
         check_gradient_checkpointing(model)
-    model.gradient_checkpointing_disable()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_disable()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     check_gradient_checkpointing(model)
-    model.gradient_checkpointing_disable()
-    model.gradient_checkpointing_enable()  # transformers' default is non-reentrant
+    model.activation_checkpointing_disable()
+    model.activation_checkpointing_enable()  # transformers' default is non-reentrant
     check_gradient_checkpointing(model)
 
 
@@ -45,7 +45,7 @@ def test_recomputation_overwrites(monkeypatch):
     monkeypatch.setattr(attn_mod, "causal_mass", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     model = tiny_model()
     model.set_attn_implementation("cat_sdpa")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     batch = make_batch([20, 14])
     ctx = _ctx(model, batch)
@@ -108,7 +108,7 @@ def test_no_supervision_no_extra_work(monkeypatch):
     ctx = _ctx(model, batch)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], cat=ctx)
     res = reattention_loss(ctx)
-    assert calls == [] and ctx.mass == {} and float(res.loss) == 0.0 and res.num_counted == 0
+    assert calls == [] and ctx.mass == {} and float(res.loss.detach()) == 0.0 and res.num_counted == 0
     (lm_loss(out.logits, batch["labels"]) + 0.5 * res.loss).backward()
     assert all(p.grad is not None for p in model.parameters())
 
