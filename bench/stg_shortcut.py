@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from cat_ds.data.records import CatRecord, load_records  # noqa: E402
 from cat_ds.data.tokenizers import load_tokenizer  # noqa: E402
-from cat_ds.evaluation.generate import generate_batch, prompt_ids  # noqa: E402
+from cat_ds.evaluation import run_eval  # noqa: E402
 
 ITEM = re.compile(r"(Smoking|Weight|Exercise|Yellow fingers|Clothing size|Hormones|Certain gene|Room size): (\d+)")
 CAUSAL, TWINS = ("Smoking", "Weight", "Exercise"), ("Yellow fingers", "Clothing size", "Hormones")
@@ -66,15 +66,6 @@ def answer_row_mass(model, tok, records: list[CatRecord]) -> torch.Tensor:
     return total / len(records)
 
 
-@torch.no_grad()
-def accuracy(model, tok, records: list[CatRecord], batch_size: int = 200) -> float:
-    preds = []
-    for i in range(0, len(records), batch_size):
-        chunk = records[i:i + batch_size]
-        preds += generate_batch(model, tok, [prompt_ids(tok, r.input, r.target) for r in chunk], max_new_tokens=6)
-    return sum(p == str(r.target) for p, r in zip(preds, records)) / len(records)
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="an STG data dir (test_ood.jsonl)")
@@ -89,8 +80,10 @@ def main(argv=None) -> None:
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
         tok = load_tokenizer(path)
         print(f"## {path}")
-        print(f"OOD accuracy {accuracy(model, tok, ood):.4f}; with consistent twins "
-              f"{accuracy(model, tok, [consistent_twins(r) for r in ood]):.4f}")
+        # run_eval: the same generation and exact-match scoring as the engine's evaluation
+        as_is = run_eval(model, tok, ood, batch_size=200).accuracy
+        twins = run_eval(model, tok, [consistent_twins(r) for r in ood], batch_size=200).accuracy
+        print(f"OOD accuracy {as_is:.4f}; with consistent twins {twins:.4f}")
         mass = answer_row_mass(model, tok, ood[:args.attention_records])
         print("answer-row attention mass (causal / twins / rest) per head:")
         for layer in range(mass.shape[0]):
