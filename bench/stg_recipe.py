@@ -86,14 +86,15 @@ def rule_record(rng: random.Random, names: list[str], rules) -> CatRecord:
 
 def numbers_corpus(n: int, seed: int, names: list[str], kind: str = "questions", n_rules: int = 32,
                    rule_seed: int = 0, kind_weights: tuple[float, ...] | None = None,
-                   questions: int = 1) -> list[CatRecord]:
+                   questions: int = 1, annotate: bool = False) -> list[CatRecord]:
     """`questions`: `numbers_record`; `rules`: `rule_record` over `n_rules` fixed rules; `mix`: half each."""
     rng = random.Random(f"cat-ds/numbers/{seed}")
     rules = make_rules(random.Random(f"cat-ds/rules/{rule_seed}"), names, n_rules)
     out = []
     for i in range(n):
         use_rule = kind == "rules" or (kind == "mix" and i % 2 == 1)
-        out.append(rule_record(rng, names, rules) if use_rule else numbers_record(rng, names, kind_weights, questions))
+        out.append(rule_record(rng, names, rules) if use_rule else numbers_record(rng, names, kind_weights, questions,
+                                                                                           annotate))
     return out
 
 
@@ -123,8 +124,10 @@ def lr_lambda(total: int, warmup: int, schedule: str):
 
 
 def train(model, examples, collate, *, epochs: int, lr: float, batch_size: int, seed: int, args, cat: bool,
-          tag: str) -> dict:
-    """AdamW over `examples`; with `cat`, adds amplitude x Re-Attention loss. Returns last-epoch means."""
+          tag: str, alpha: float | None = None) -> dict:
+    """AdamW over `examples`; with `cat`, adds amplitude x Re-Attention loss (`alpha`, default
+    --alpha). Returns last-epoch means."""
+    alpha = args.alpha if alpha is None else alpha
     cfgm = model.config
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
     steps_per_epoch = math.ceil(len(examples) / batch_size)
@@ -148,7 +151,8 @@ def train(model, examples, collate, *, epochs: int, lr: float, batch_size: int, 
             lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
             loss = lm
             if ctx is not None:
-                res = reattention_loss(ctx, alpha=args.alpha, loss_type=args.loss_type)
+                res = reattention_loss(ctx, alpha=alpha, loss_type=args.loss_type,
+                                       granularity=args.cat_granularity)
                 amp = args.amp * amplitude(args.amp_schedule, decay=args.amp_decay, epoch=epoch, step=step,
                                            steps_per_epoch=steps_per_epoch, value=1.0)
                 loss = lm + amp * res.loss
@@ -274,6 +278,8 @@ def parse_args(argv=None):
     a("--amp-decay", type=float, default=1.0)
     a("--cat-layers", default="all", help="'all', 'last N' or indices")
     a("--cat-heads", default="all", help="'all' or K heads sampled per step")
+    a("--cat-granularity", default="all", choices=["all", "layer", "head"],
+      help="all: the spec's one average over layers and heads; layer / head: each must pass alpha")
     # generic pre-training (shared by every run: one "pretrained model")
     a("--pretrain-steps", type=int, default=0, help="0: train from scratch")
     a("--pretrain-lr", type=float, default=2e-3)
@@ -285,6 +291,9 @@ def parse_args(argv=None):
     a("--pretrain-kinds", default="", help="weights of the question kinds (lookup, compare, threshold, "
                                             "sum_threshold, sum), e.g. 4,1,1,1,1; empty: uniform")
     a("--pretrain-questions", type=int, default=1, help="questions per pre-training record (numbers_record)")
+    a("--pretrain-cat-alpha", type=float, default=0.0,
+      help="> 0: annotate each pre-training question's answer with the items it names and pre-train with the "
+           "Re-Attention loss at this alpha (the fine-tuning's --cat-* settings); needs --pretrain-questions 1")
     a("--pretrain-rules", type=int, default=32, help="number of fixed rules for --pretrain-task rules/mix")
     a("--eval-train", action="store_true", help="also report train accuracy")
     a("--init-from", help="a saved model dir with its tokenizer (e.g. a demo's runs/pretrain/export): every run "
@@ -297,6 +306,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.pretrain_cat_alpha and args.pretrain_questions != 1:
+        raise SystemExit("--pretrain-cat-alpha needs --pretrain-questions 1 (the annotation covers one question)")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     t0 = time.time()
@@ -325,7 +336,8 @@ def main(argv=None) -> None:
                           args.pretrain_seed, args.pretrain_task, args.pretrain_rules, args.layers, args.hidden,
                           args.heads, args.ffn, args.vocab, args.weight_decay, args.warmup, args.schedule, args.clip]
                          + ([args.pretrain_kinds] if args.pretrain_kinds else [])
-                         + ([args.pretrain_questions] if args.pretrain_questions > 1 else []))  # old cache keys stay valid
+                         + ([args.pretrain_questions] if args.pretrain_questions > 1 else [])
+                         + ([["cat", args.pretrain_cat_alpha]] if args.pretrain_cat_alpha else []))  # old keys stay valid
         ckpt = out / f"pretrained_{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
         if ckpt.exists():
             pre_state = torch.load(ckpt)
@@ -336,9 +348,11 @@ def main(argv=None) -> None:
             n = args.pretrain_steps * args.pretrain_batch_size
             pre_ex = [tokenize_example(r, tok) for r in numbers_corpus(n, args.pretrain_seed, names, args.pretrain_task,
                                                                    args.pretrain_rules, args.pretrain_seed, kinds,
-                                                                   args.pretrain_questions)]
+                                                                   args.pretrain_questions,
+                                                                   annotate=bool(args.pretrain_cat_alpha))]
             st = train(model, pre_ex, collate, epochs=1, lr=args.pretrain_lr, batch_size=args.pretrain_batch_size,
-                       seed=args.pretrain_seed, args=args, cat=False, tag="pretrain")
+                       seed=args.pretrain_seed, args=args, cat=bool(args.pretrain_cat_alpha), tag="pretrain",
+                       alpha=args.pretrain_cat_alpha)
             pre_s = time.time() - t1
             pre_state = model.state_dict()
             torch.save(pre_state, ckpt)

@@ -73,6 +73,7 @@ class CatConfig:
     decay: float = 1.0
     amplitude: str = "epoch"  # epoch: exp(-decay*epoch) (research) | step: per-step | constant: 1
     normalization: str = "micro"  # micro (research) | global (invariant to micro/accum/world)
+    granularity: str = "all"  # all (spec: one layer/head average) | layer | head: each must pass alpha
     min_gap: int = 1
 
 
@@ -119,6 +120,7 @@ CHOICES = {
     "cat.loss_type": ("div", "div2", "nll", "hinge"),
     "cat.amplitude": ("epoch", "step", "constant"),
     "cat.normalization": ("micro", "global"),
+    "cat.granularity": ("all", "layer", "head"),
     "eval.best_mode": ("max", "min"),
 }
 AMPLITUDE_SCHEDULES = {"epoch": "exp", "step": "exp_step", "constant": "constant"}  # -> reattention.amplitude

@@ -108,16 +108,29 @@ def full_precision_eager():
         modeling_llama.eager_attention_forward, modeling_qwen2.eager_attention_forward = saved
 
 
-def reference(model, batch: dict, *, alpha: float, loss_type: str, layers=None, heads=None):
-    """(lm_loss, cat_loss, ratios) the research way. heads: {layer: list of heads} or None (all)."""
+def reference(model, batch: dict, *, alpha: float, loss_type: str, layers=None, heads=None, granularity: str = "all"):
+    """(lm_loss, cat_loss, ratios) the research way. heads: {layer: list of heads} or None (all).
+    granularity (cat_ds's option; the spec is "all"): "layer" / "head" apply the spec's loss to
+    each selected layer's head average / each selected head's map, then take the mean."""
     model.set_attn_implementation("eager")
     with full_precision_eager():
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_attentions=True)
     layers = list(range(len(out.attentions))) if layers is None else layers
     maps = [out.attentions[layer] if heads is None or heads.get(layer) is None else out.attentions[layer][:, heads[layer]]
             for layer in layers]
-    abar = torch.cat(maps, dim=1).mean(dim=1)  # (B, T, T): mean over every selected (layer, head)
     mask = dense_mask(batch)
+    if granularity == "all":  # the spec: mean over every selected (layer, head)
+        cat, ratios = _spec_loss(torch.cat(maps, dim=1).mean(dim=1), mask, alpha, loss_type)
+    else:
+        units = [m.mean(dim=1) for m in maps] if granularity == "layer" else [m[:, h] for m in maps
+                                                                              for h in range(m.shape[1])]
+        parts = [_spec_loss(u, mask, alpha, loss_type) for u in units]
+        cat, ratios = sum(c for c, _ in parts) / len(parts), [r for _, rs in parts for r in rs]
+    return lm_loss(out.logits, batch["labels"]), cat, ratios
+
+
+def _spec_loss(abar: torch.Tensor, mask: torch.Tensor, alpha: float, loss_type: str):
+    """CAT_SPEC section 4 steps 2-3 on a dense (B, T, T) averaged map: (loss, ratios of counted rows)."""
     total, count, ratios = abar.new_zeros(()), 0, []
     for b in range(mask.shape[0]):
         for q in range(mask.shape[1]):
@@ -138,5 +151,4 @@ def reference(model, batch: dict, *, alpha: float, loss_type: str, layers=None, 
                     total = total - a1 / (a1 + a0)
                 else:
                     total = total + torch.clamp(alpha - ratio, min=0)
-    cat = total / count if count else total
-    return lm_loss(out.logits, batch["labels"]), cat, ratios
+    return (total / count if count else total), ratios

@@ -99,3 +99,20 @@ def test_pretrain_only_probes_the_checkpoint_by_question_kind(recipe, tmp_path, 
         assert set(probe["probe_by_kind"]) == kinds | {"names"} and set(probe["probe_by_kind_stg_names"]) == kinds
         assert all(0 <= v <= 1 for v in probe["probe_by_kind_stg_names"].values())
         assert not any("mode" in x for x in lines)
+
+
+@pytest.mark.slow
+def test_pretraining_with_the_reattention_loss(recipe, tmp_path, capsys):
+    """--pretrain-cat-alpha: the pre-training records carry annotations and the Re-Attention loss
+    runs on them (it reports a CAT loss and ratio), cached under its own key."""
+    argv = ["--out", str(tmp_path), "--size", "S", "--hidden", "32", "--layers", "2", "--heads", "2",
+            "--pretrain-steps", "3", "--pretrain-batch-size", "8", "--modes", "", "--verbose"]
+    recipe.main(argv)
+    assert "[pretrain] epoch 0" in (err := capsys.readouterr().err) and "cat_loss" not in err
+    recipe.main(argv + ["--pretrain-cat-alpha", "10"])
+    err = capsys.readouterr().err
+    m = re.search(r"\[pretrain\] epoch 0 lm_loss=\S+ cat_loss=(\S+) train_ratio=(\S+)", err)
+    assert m and math.isfinite(float(m[1])) and float(m[1]) < 0 and float(m[2]) > 0, err  # div: negative
+    assert len(list(tmp_path.glob("pretrained_*.pt"))) == 2
+    with pytest.raises(SystemExit, match="--pretrain-questions 1"):
+        recipe.main(argv + ["--pretrain-cat-alpha", "10", "--pretrain-questions", "2"])

@@ -54,3 +54,21 @@ def test_one_question_is_the_original_format():
     """questions=1 (the default) is the demo's pre-training text: the target is just the answer."""
     for r in numbers_corpus(50, 2):
         assert "Question" not in r.target and "." not in r.target
+
+
+def test_annotation_names_exactly_the_items_the_question_uses():
+    """annotate=True: "Answer: <a>" <- the items named in the question, found as spans in the text;
+    the same records otherwise (the annotation draws nothing from the generator)."""
+    plain, annotated = numbers_corpus(200, 3), numbers_corpus(200, 3, annotate=True)
+    assert [r.text for r in plain] == [r.text for r in annotated]
+    for r in annotated:
+        (key, values), = r.important
+        question = _QA.findall(r.text)[0][0]
+        m = (re.fullmatch(r"What is (.+?)(?: plus (.+))?\?", question)
+             or re.fullmatch(r"Is (.+?) (?:greater than (.+)|plus (.+) above \d+|above \d+)\?", question))
+        named = [g for g in m.groups() if g]
+        assert key == "Answer: " + r.target
+        assert sorted(v.split(": ")[0] for v in values) == sorted(set(named)), (question, values)
+        assert all(f"{v}," in r.input or f"{v}." in r.input for v in values)  # whole items of the text
+    with pytest.raises(ValueError, match="questions=1"):
+        numbers_corpus(1, 0, questions=2, annotate=True)

@@ -38,10 +38,11 @@ def _write(tmp_path, text, name="c.yaml") -> Path:
 
 def test_good_config_types_and_overrides(tmp_path):
     cfg = load_config(_write(tmp_path, GOOD), ["train.lr=3e-4", "cat.layers=last 2", "data.eval.iid=a.jsonl",
-                                              "train.max_steps=7"])
+                                              "train.max_steps=7", "cat.granularity=layer"])
     assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)  # YAML "1e-4"-style strings coerced
     assert cfg.train.max_steps == 7 and cfg.cat.heads == 2 and cfg.cat.layers == "last 2"
     assert cfg.data.train == ["data/x.jsonl"] and cfg.data.eval == {"iid": "a.jsonl"}
+    assert cfg.cat.granularity == "layer" and load_config(_write(tmp_path, GOOD, "d.yaml")).cat.granularity == "all"
 
 
 def test_unknown_key_names_key_file_and_line(tmp_path):
@@ -60,6 +61,8 @@ def test_wrong_type_names_key(tmp_path):
         load_config(_write(tmp_path, GOOD, "d.yaml"), ["cat.enabled=maybe"])
     with pytest.raises(ConfigError, match=r"cat\.normalization: expected one of micro, global"):
         load_config(_write(tmp_path, GOOD, "e.yaml"), ["cat.normalization=macro"])
+    with pytest.raises(ConfigError, match=r"cat\.granularity: expected one of all, layer, head"):
+        load_config(_write(tmp_path, GOOD, "f.yaml"), ["cat.granularity=row"])
 
 
 def test_ds_config_auto_filling_and_batch_arithmetic(tmp_path):

@@ -114,3 +114,34 @@ def test_equivalence_left_padding():
     assert abs(float((res.loss - ref_cat).detach())) < TOL and abs(float((lm - ref_lm).detach())) < TOL
     for name, g in _grads(ref_model).items():
         torch.testing.assert_close(grads[name], g, atol=TOL, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("granularity,loss_type", [("layer", "div"), ("layer", "hinge"), ("head", "div"),
+                                                   ("head", "nll")])
+def test_granularity_matches_per_unit_reference(granularity, loss_type):
+    """granularity 'layer' / 'head' (not in the spec): each layer's head average / each head must
+    pass alpha on its own; the row loss is the mean over those units. Same value and gradients as
+    the dense reference applying the spec's loss per unit, and different from the spec's average."""
+    base = tiny_model("llama", True, layers=3, seed=8)
+    batch = make_batch([22, 18], seed=8)
+    with torch.no_grad():
+        _, _, ratios = reference(copy.deepcopy(base), batch, alpha=0, loss_type=loss_type, granularity=granularity)
+    flat = sorted(ratios)
+    alpha = (flat[len(flat) // 2 - 1] + flat[len(flat) // 2]) / 2  # some (row, layer) pairs pass, some do not
+    ref_model = copy.deepcopy(base)
+    ref_lm, ref_cat, _ = reference(ref_model, batch, alpha=alpha, loss_type=loss_type, granularity=granularity)
+    (ref_lm + 0.7 * ref_cat).backward()
+    cat_model = copy.deepcopy(base)
+    cat_model.set_attn_implementation("cat_sdpa")
+    ctx = CatContext.from_batch(batch, layers=[0, 1, 2], heads={}, num_heads=base.config.num_attention_heads)
+    out = cat_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], cat=ctx)
+    each = reattention_loss(ctx, alpha=alpha, loss_type=loss_type, granularity=granularity)
+    mean = reattention_loss(ctx, alpha=alpha, loss_type=loss_type)
+    (lm_loss(out.logits, batch["labels"]) + 0.7 * each.loss).backward()
+    assert abs(float((each.loss - ref_cat).detach())) < TOL and abs(float(ref_cat.detach())) > 1e-3
+    assert abs(float((each.loss - mean.loss).detach())) > 1e-6
+    assert each.a1.shape == mean.a1.shape == each.active.shape  # one value per row, for logging
+    for name, g in _grads(ref_model).items():
+        torch.testing.assert_close(_grads(cat_model)[name], g, atol=TOL, rtol=0, msg=lambda m: f"{name}: {m}")
+    with pytest.raises(ValueError, match="granularity"):
+        reattention_loss(ctx, alpha=alpha, granularity="row")

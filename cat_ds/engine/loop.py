@@ -98,7 +98,8 @@ class Loop:
             loss = out.loss
             if ctx is not None:
                 res = reattention_loss(ctx, alpha=cfg.cat.alpha, loss_type=cfg.cat.loss_type,
-                                       normalization=cfg.cat.normalization, denominator=n_rows)
+                                       normalization=cfg.cat.normalization, denominator=n_rows,
+                                       granularity=cfg.cat.granularity)
                 glob = cfg.cat.normalization == "global"
                 loss = loss + amp * res.loss * (self.scale if glob else 1.0)
                 # Metrics stay on the device (no host sync per micro-batch).

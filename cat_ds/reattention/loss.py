@@ -8,6 +8,8 @@ A row is skipped if C or N is empty. A non-skipped row with ratio < alpha contri
     div:  -log(1 + a1) / log(1 + a0)      div2: -log(1 + a1 / (1 + a0))
     nll:  -a1 / (a1 + a0)                 hinge: max(alpha - ratio, 0)
 and 0 otherwise (it still counts in the denominator).
+``granularity`` "layer" / "head" (not in the spec) apply that per layer / per head instead of to
+the one average, and average the row's losses over those units (``reattention_loss``).
 
 Normalisation (``normalization=``):
 - ``"micro"`` (research-code default): this micro-batch's row-loss sum / its number of
@@ -34,6 +36,7 @@ from .context import CatContext
 LOSS_TYPES = ("div", "div2", "nll", "hinge")
 NORMALIZATIONS = ("micro", "global")
 SCHEDULES = ("exp", "exp_step", "constant")
+GRANULARITIES = ("all", "layer", "head")
 
 
 @dataclass
@@ -61,17 +64,26 @@ def count_rows(batch_or_ptr, cat_rows: torch.Tensor | None = None) -> int:
     return int(((n_c >= 1) & (n_c <= rows[:, 1])).sum())
 
 
-def row_stats(ctx: CatContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(a1, a0, counted) per row from the masses the attention function left in ``ctx``."""
+def row_stats(ctx: CatContext, granularity: str = "all") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a1, a0, counted) per row from the masses the attention function left in ``ctx``.
+    ``granularity`` "all": a1, a0 are (R,), from the average over every selected (layer, head);
+    "layer": (R, L), each selected layer's own head average; "head": (R, P), each selected pair."""
     missing = [layer for layer in ctx.layers if layer not in ctx.mass]
     if missing:
         raise RuntimeError(f"no CAT attention mass for layers {missing}: is the model's attention implementation "
                            "'cat_sdpa' and was the context passed as model(..., cat=ctx)?")
-    pairs = sum(ctx.num_heads_for(layer) for layer in ctx.layers)
-    mass_c = sum(ctx.mass[layer].sum(dim=1) for layer in ctx.layers) / pairs
+    if granularity == "layer":
+        mass_c = torch.stack([ctx.mass[layer].mean(dim=1) for layer in ctx.layers], dim=1)
+    elif granularity == "head":
+        mass_c = torch.cat([ctx.mass[layer] for layer in ctx.layers], dim=1)
+    else:
+        pairs = sum(ctx.num_heads_for(layer) for layer in ctx.layers)
+        mass_c = sum(ctx.mass[layer].sum(dim=1) for layer in ctx.layers) / pairs
     n_c = ctx.col_counts().to(mass_c.device)
     n_n = ctx.cat_rows[:, 1].to(mass_c.device) + 1 - n_c
     counted = (n_c >= 1) & (n_n >= 1)
+    if granularity != "all":
+        n_c, n_n = n_c[:, None], n_n[:, None]
     a1 = mass_c / n_c.clamp(min=1).to(mass_c.dtype)
     a0 = (1 - mass_c) / n_n.clamp(min=1).to(mass_c.dtype)
     return a1, a0, counted
@@ -90,8 +102,18 @@ def _row_loss(a1, a0, alpha: float, loss_type: str) -> torch.Tensor:
 
 
 def reattention_loss(ctx: CatContext, *, alpha: float = 2.0, loss_type: str = "div",
-                     normalization: str = "micro", denominator: float | int | None = None) -> CatLossOutput:
-    """The spec's loss for one micro-batch (see the module docstring for the normalisations)."""
+                     normalization: str = "micro", denominator: float | int | None = None,
+                     granularity: str = "all") -> CatLossOutput:
+    """The spec's loss for one micro-batch (see the module docstring for the normalisations).
+
+    ``granularity`` (the spec is ``"all"``: one average over every selected layer and head):
+    ``"layer"`` makes each selected layer's head average pass alpha on its own, ``"head"`` each
+    selected head; a row's loss is then the mean over those units. Why offer them: with one
+    average, some heads can keep reading the spurious tokens while the others over-satisfy the
+    ratio (docs/demo_recipe.md). ``a1``/``a0`` in the output stay one value per row (the mean
+    over units) for logging; ``active`` is "some unit below alpha"."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if normalization not in NORMALIZATIONS:
@@ -102,14 +124,17 @@ def reattention_loss(ctx: CatContext, *, alpha: float = 2.0, loss_type: str = "d
         z = torch.zeros((), device=ctx.cat_rows.device, requires_grad=True)
         e = torch.zeros((0,), device=ctx.cat_rows.device)
         return CatLossOutput(z, e, e, e, e.bool(), e.bool(), 0)
-    a1, a0, counted = row_stats(ctx)
-    active = counted & (a1 / a0 < alpha).detach()
+    each = granularity != "all"
+    a1, a0, counted = row_stats(ctx, granularity)
+    active = (counted[:, None] if each else counted) & (a1 / a0 < alpha).detach()
     # Inactive rows get harmless stand-ins before the loss formula: a row whose causal mass
     # rounds to 1 has a0 == 0, and div's log1p(a0) = 0 there would make the (discarded)
     # branch's gradient NaN, which torch.where still propagates as NaN * 0.
     a1_safe = torch.where(active, a1, torch.zeros_like(a1))
     a0_safe = torch.where(active, a0, torch.ones_like(a0))
     row_loss = torch.where(active, _row_loss(a1_safe, a0_safe, alpha, loss_type), torch.zeros_like(a1))
+    if each:  # back to one value per row: the units' losses averaged, their a1/a0 averaged
+        row_loss, a1, a0, active = row_loss.mean(dim=1), a1.mean(dim=1), a0.mean(dim=1), active.any(dim=1)
     n = int(counted.sum())
     denom = n if normalization == "micro" else float(denominator)
     loss = row_loss.sum() / denom if denom > 0 else row_loss.sum() * 0.0
