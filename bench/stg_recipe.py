@@ -337,7 +337,9 @@ def main(argv=None) -> None:
                           args.heads, args.ffn, args.vocab, args.weight_decay, args.warmup, args.schedule, args.clip]
                          + ([args.pretrain_kinds] if args.pretrain_kinds else [])
                          + ([args.pretrain_questions] if args.pretrain_questions > 1 else [])
-                         + ([["cat", args.pretrain_cat_alpha]] if args.pretrain_cat_alpha else []))  # old keys stay valid
+                         + ([["cat", args.pretrain_cat_alpha, args.loss_type, args.cat_granularity, args.cat_layers,
+                              args.cat_heads, args.amp, args.amp_schedule, args.amp_decay]]
+                            if args.pretrain_cat_alpha else []))  # old cache keys stay valid
         ckpt = out / f"pretrained_{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
         if ckpt.exists():
             pre_state = torch.load(ckpt)

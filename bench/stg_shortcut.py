@@ -6,10 +6,10 @@
 2. OOD accuracy as generated, and again after rewriting each OOD record's twins to agree with
    its causal values as they do in training (int(1.5 x Smoking), Weight, int(0.5 x Exercise)).
    A model that ignores the twins scores the same on both; the gap measures the shortcut.
-3. Twin knock-out, on IID and OOD: teacher-forced accuracy (the label of highest log-probability among High /
-   Middle / Low Risk) as is, with the answer rows (the prompt's last token and the label's)
-   unable to attend to the twins' tokens, and with no token at all able to (an additive mask
-   in every layer). If blinding the answer rows changes little but blinding every token
+3. Twin knock-out, on IID and OOD: teacher-forced accuracy (the label of highest
+   log-probability among High / Middle / Low Risk) as is, with the answer rows (the prompt's
+   last token and the label's) unable to attend to the twins' tokens, and with no token at all
+   able to (an additive mask in every layer). If blinding the answer rows changes little but blinding every token
    changes a lot, the twins reach the answer through other positions, where CAT does not look;
    on OOD (twins independent of the label) the all-rows figure is the accuracy from the causal
    values alone.
@@ -17,7 +17,8 @@
     .venv/bin/python bench/stg_shortcut.py --data DEMO_OUT/data/stg_M \
         --model DEMO_OUT/runs/stg_M_base_s0/export --model DEMO_OUT/runs/stg_M_cat_s0/export
 
-Used for docs/demo_recipe.md ("Why CAT at alpha 10 can leave the shortcut open").
+Used for docs/demo_recipe.md ("Why it is a lottery" and "Per-layer and per-head constraints, and
+a twin knock-out").
 """
 from __future__ import annotations
 
@@ -93,6 +94,9 @@ def label_scores(model, tok, rec: CatRecord, knockout: str) -> list[float]:
     for label in LABELS:
         ex = tokenize_example(CatRecord(rec.input, label, None), tok)  # the training tokenisation
         ids, start = torch.tensor([ex.input_ids]), ex.answer_start
+        if ex.input_ids[:start] != tok(rec.input, add_special_tokens=False)["input_ids"][:start]:
+            raise ValueError("label_scores: the training tokenisation does not start with the input's own tokens "
+                             "(a BOS token?), so the twins' positions would be misread")
         n = ids.shape[1]
         blocked = torch.ones(n, n).triu(1).bool()  # causal
         # Token groups from the prompt's tokens (the label holds no items); the label's are "rest".
