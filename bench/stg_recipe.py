@@ -366,7 +366,8 @@ def main(argv=None) -> None:
             print(json.dumps({"pretrain": True, "steps": args.pretrain_steps, "lm_loss": round(st["lm_loss"], 4),
                               "probe_acc": pre_acc, "pretrain_s": round(pre_s, 1)}), flush=True)
 
-    if (pre_state is not None or args.init_from) and not [m for m in args.modes.split(",") if m]:
+    modes = [m for m in args.modes.split(",") if m]  # --modes "": pre-train (or load) and probe only
+    if (pre_state is not None or args.init_from) and not modes:
         # --modes "": probe the pre-trained checkpoint (or the --init-from model) by question kind
         if args.init_from:
             from transformers import AutoModelForCausalLM
@@ -380,7 +381,7 @@ def main(argv=None) -> None:
 
     cfg_echo = {k: v for k, v in vars(args).items() if k not in ("out", "verbose", "modes", "seeds")}
     results: dict[str, list[dict]] = {}
-    for mode in [m for m in args.modes.split(",") if m]:  # --modes "": pre-train only
+    for mode in modes:
         for seed in [int(s) for s in args.seeds.split(",")]:
             t1 = time.time()
             if args.init_from:  # an engine-trained checkpoint (e.g. the demo's pre-training)

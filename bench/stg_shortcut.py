@@ -9,10 +9,10 @@
 3. Twin knock-out, on IID and OOD: teacher-forced accuracy (the label of highest
    log-probability among High / Middle / Low Risk) as is, with the answer rows (the prompt's
    last token and the label's) unable to attend to the twins' tokens, and with no token at all
-   able to (an additive mask in every layer). If blinding the answer rows changes little but blinding every token
-   changes a lot, the twins reach the answer through other positions, where CAT does not look;
-   on OOD (twins independent of the label) the all-rows figure is the accuracy from the causal
-   values alone.
+   able to (an additive mask in every layer). If blinding the answer rows changes little but
+   blinding every token changes a lot, the twins reach the answer through other positions, where
+   CAT does not look; on OOD (twins independent of the label) the all-rows figure is the
+   accuracy from the causal values alone.
 
     .venv/bin/python bench/stg_shortcut.py --data DEMO_OUT/data/stg_M \
         --model DEMO_OUT/runs/stg_M_base_s0/export --model DEMO_OUT/runs/stg_M_cat_s0/export
@@ -38,21 +38,21 @@ from cat_ds.evaluation import run_eval  # noqa: E402
 
 ITEM = re.compile(r"(Smoking|Weight|Exercise|Yellow fingers|Clothing size|Hormones|Certain gene|Room size): (\d+)")
 CAUSAL, TWINS = ("Smoking", "Weight", "Exercise"), ("Yellow fingers", "Clothing size", "Hormones")
-GROUPS = ("causal", "twins", "rest")
+GROUPS = ("causal", "twins", "rest")  # the values of token_groups: 0, 1, 2
 LABELS = ("High Risk", "Middle Risk", "Low Risk")
 KNOCKOUTS = ("none", "answer_rows", "all_rows")
 
 
-def token_groups(tok, text: str, n_tokens: int) -> torch.Tensor:
-    """Per token of `text` (tokenised without specials): 0 causal item, 1 twin, 2 anything else."""
-    offsets = tok(text, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
-    group = torch.full((n_tokens,), 2)
+def token_groups(tok, text: str) -> tuple[list[int], torch.Tensor]:
+    """`text` tokenised without specials, and per token its group: 0 causal item, 1 twin, 2 other."""
+    enc = tok(text, return_offsets_mapping=True, add_special_tokens=False)
+    group = torch.full((len(enc["input_ids"]),), 2)
     for m in ITEM.finditer(text):
         g = 0 if m.group(1) in CAUSAL else 1 if m.group(1) in TWINS else 2
-        for i, (a, b) in enumerate(offsets[:n_tokens]):
+        for i, (a, b) in enumerate(enc["offset_mapping"]):
             if b > m.start() and a < m.end():
                 group[i] = g
-    return group
+    return enc["input_ids"], group
 
 
 def consistent_twins(rec: CatRecord) -> CatRecord:
@@ -74,8 +74,7 @@ def answer_row_mass(model, tok, records: list[CatRecord]) -> torch.Tensor:
         raise ValueError(f"answer_row_mass needs attn_implementation='eager', got {cfg._attn_implementation!r}")
     total = torch.zeros(cfg.num_hidden_layers, cfg.num_attention_heads, 3)
     for rec in records:
-        ids = tok(rec.input, add_special_tokens=False)["input_ids"]
-        group = token_groups(tok, rec.input, len(ids))
+        ids, group = token_groups(tok, rec.input)
         att = model(input_ids=torch.tensor([ids]), output_attentions=True).attentions
         for layer, a in enumerate(att):
             row = a[0, :, -1, :]  # heads x T
@@ -90,17 +89,18 @@ def label_scores(model, tok, rec: CatRecord, knockout: str) -> list[float]:
     twins' tokens hidden from the answer rows or from every token (KNOCKOUTS)."""
     if knockout not in KNOCKOUTS:
         raise ValueError(f"knockout: expected one of {KNOCKOUTS}, got {knockout!r}")
+    input_ids, groups = token_groups(tok, rec.input)
     scores = []
     for label in LABELS:
         ex = tokenize_example(CatRecord(rec.input, label, None), tok)  # the training tokenisation
         ids, start = torch.tensor([ex.input_ids]), ex.answer_start
-        if ex.input_ids[:start] != tok(rec.input, add_special_tokens=False)["input_ids"][:start]:
+        if ex.input_ids[:start] != input_ids[:start]:
             raise ValueError("label_scores: the training tokenisation does not start with the input's own tokens "
                              "(a BOS token?), so the twins' positions would be misread")
         n = ids.shape[1]
         blocked = torch.ones(n, n).triu(1).bool()  # causal
         # Token groups from the prompt's tokens (the label holds no items); the label's are "rest".
-        twins = torch.cat([token_groups(tok, rec.input, start), torch.full((n - start,), 2)]) == 1
+        twins = torch.cat([groups[:start], torch.full((n - start,), 2)]) == 1
         if knockout == "answer_rows":
             blocked[start - 1:, twins] = True
         elif knockout == "all_rows":

@@ -119,13 +119,14 @@ def reference(model, batch: dict, *, alpha: float, loss_type: str, layers=None, 
     maps = [out.attentions[layer] if heads is None or heads.get(layer) is None else out.attentions[layer][:, heads[layer]]
             for layer in layers]
     mask = dense_mask(batch)
-    if granularity == "all":  # the spec: mean over every selected (layer, head)
-        cat, ratios = _spec_loss(torch.cat(maps, dim=1).mean(dim=1), mask, alpha, loss_type)
+    if granularity == "all":  # the spec: one map, the mean over every selected (layer, head)
+        units = [torch.cat(maps, dim=1).mean(dim=1)]
+    elif granularity == "layer":
+        units = [m.mean(dim=1) for m in maps]
     else:
-        units = [m.mean(dim=1) for m in maps] if granularity == "layer" else [m[:, h] for m in maps
-                                                                              for h in range(m.shape[1])]
-        parts = [_spec_loss(u, mask, alpha, loss_type) for u in units]
-        cat, ratios = sum(c for c, _ in parts) / len(parts), [r for _, rs in parts for r in rs]
+        units = [m[:, h] for m in maps for h in range(m.shape[1])]
+    parts = [_spec_loss(u, mask, alpha, loss_type) for u in units]
+    cat, ratios = sum(c for c, _ in parts) / len(parts), [r for _, rs in parts for r in rs]
     return lm_loss(out.logits, batch["labels"]), cat, ratios
 
 

@@ -65,9 +65,10 @@ def count_rows(batch_or_ptr, cat_rows: torch.Tensor | None = None) -> int:
 
 
 def row_stats(ctx: CatContext, granularity: str = "all") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(a1, a0, counted) per row from the masses the attention function left in ``ctx``.
-    ``granularity`` "all": a1, a0 are (R,), from the average over every selected (layer, head);
-    "layer": (R, L), each selected layer's own head average; "head": (R, P), each selected pair."""
+    """(a1, a0, counted) from the masses the attention function left in ``ctx``: a1, a0 are (R, U),
+    one column per unit the ratio applies to. ``granularity`` "all" (the spec): U = 1, the average
+    over every selected (layer, head); "layer": each selected layer's head average; "head": each
+    selected (layer, head). ``counted`` (R,) does not depend on the unit."""
     missing = [layer for layer in ctx.layers if layer not in ctx.mass]
     if missing:
         raise RuntimeError(f"no CAT attention mass for layers {missing}: is the model's attention implementation "
@@ -78,14 +79,12 @@ def row_stats(ctx: CatContext, granularity: str = "all") -> tuple[torch.Tensor, 
         mass_c = torch.cat([ctx.mass[layer] for layer in ctx.layers], dim=1)
     else:
         pairs = sum(ctx.num_heads_for(layer) for layer in ctx.layers)
-        mass_c = sum(ctx.mass[layer].sum(dim=1) for layer in ctx.layers) / pairs
+        mass_c = (sum(ctx.mass[layer].sum(dim=1) for layer in ctx.layers) / pairs)[:, None]
     n_c = ctx.col_counts().to(mass_c.device)
     n_n = ctx.cat_rows[:, 1].to(mass_c.device) + 1 - n_c
     counted = (n_c >= 1) & (n_n >= 1)
-    if granularity != "all":
-        n_c, n_n = n_c[:, None], n_n[:, None]
-    a1 = mass_c / n_c.clamp(min=1).to(mass_c.dtype)
-    a0 = (1 - mass_c) / n_n.clamp(min=1).to(mass_c.dtype)
+    a1 = mass_c / n_c[:, None].clamp(min=1).to(mass_c.dtype)
+    a0 = (1 - mass_c) / n_n[:, None].clamp(min=1).to(mass_c.dtype)
     return a1, a0, counted
 
 
@@ -124,17 +123,16 @@ def reattention_loss(ctx: CatContext, *, alpha: float = 2.0, loss_type: str = "d
         z = torch.zeros((), device=ctx.cat_rows.device, requires_grad=True)
         e = torch.zeros((0,), device=ctx.cat_rows.device)
         return CatLossOutput(z, e, e, e, e.bool(), e.bool(), 0)
-    each = granularity != "all"
     a1, a0, counted = row_stats(ctx, granularity)
-    active = (counted[:, None] if each else counted) & (a1 / a0 < alpha).detach()
+    active = counted[:, None] & (a1 / a0 < alpha).detach()
     # Inactive rows get harmless stand-ins before the loss formula: a row whose causal mass
     # rounds to 1 has a0 == 0, and div's log1p(a0) = 0 there would make the (discarded)
     # branch's gradient NaN, which torch.where still propagates as NaN * 0.
     a1_safe = torch.where(active, a1, torch.zeros_like(a1))
     a0_safe = torch.where(active, a0, torch.ones_like(a0))
     row_loss = torch.where(active, _row_loss(a1_safe, a0_safe, alpha, loss_type), torch.zeros_like(a1))
-    if each:  # back to one value per row: the units' losses averaged, their a1/a0 averaged
-        row_loss, a1, a0, active = row_loss.mean(dim=1), a1.mean(dim=1), a0.mean(dim=1), active.any(dim=1)
+    # One value per row: the units' losses averaged (for the spec's one unit, the row's loss).
+    row_loss, a1, a0, active = row_loss.mean(dim=1), a1.mean(dim=1), a0.mean(dim=1), active.any(dim=1)
     n = int(counted.sum())
     denom = n if normalization == "micro" else float(denominator)
     loss = row_loss.sum() / denom if denom > 0 else row_loss.sum() * 0.0
@@ -163,7 +161,7 @@ def log_stats(ctx: CatContext, out: CatLossOutput | None = None) -> dict:
         return {"row_stats": [], "ratio": float("nan"), "rows": 0, "active_rows": 0}
     if out is None:
         a1, a0, counted = row_stats(ctx)
-        active = None
+        a1, a0, active = a1[:, 0], a0[:, 0], None
     else:
         a1, a0, counted, active = out.a1, out.a0, out.counted, out.active
     a1, a0, counted = a1.detach().double().cpu(), a0.detach().double().cpu(), counted.cpu()
