@@ -8,6 +8,7 @@ the `cat-ds compare` table and chart. Nothing is downloaded."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -88,14 +89,13 @@ def pretrain(out: Path, tok_dir: Path, nproc: int, quick: bool) -> Path:
     if (export / "config.json").exists():
         click.echo(f"[demo] reusing the pre-trained model {export}")
         return export
-    click.echo(f"[demo] pre-training the tiny model on generic numbers text ({'quick' if quick else '600 steps'}) ...", nl=False)
-    t0 = time.time()
+    progress = RunProgress(f"[demo] pre-training the tiny model on generic numbers text ({'quick' if quick else '600 steps'})")
     sets = [f"output_dir={run_dir}", f"model.config={REPO / 'configs' / 'models' / 'demo_llama.json'}",
             f"model.tokenizer={tok_dir}", f"data.train={out / 'data' / 'numbers.jsonl'}"]
     if quick:
-        sets += ["train.max_steps=8"]
-    run_training(PRETRAIN_CONFIG, sets, nproc, out / "runs" / f"{run_dir.name}.log")
-    click.echo(f" done in {time.time() - t0:.0f}s")
+        sets += ["train.max_steps=8", "train.log_every=4"]
+    run_training(PRETRAIN_CONFIG, sets, nproc, out / "runs" / f"{run_dir.name}.log", progress)
+    progress.done()
     return export
 
 
@@ -114,18 +114,51 @@ def train_overrides(data_dir: Path, pretrained: Path, run_dir: Path, mode: str, 
     ]
     if quick:  # a smoke run of the whole path: a few steps, a small eval
         sets += ["train.max_steps=12", "eval.limit=40", "eval.probe_size=4", "train.save_every=0",
-                 "train.warmup_steps=2"]
+                 "train.warmup_steps=2", "train.log_every=4"]
     return sets
 
 
-def run_training(config: Path, overrides: list[str], nproc: int, log: Path) -> None:
-    """One `cat-ds train` run; its output goes to `log` (the demo prints a line per run)."""
+class RunProgress:
+    """The console's view of one training run: its label, then the trainer's step lines as they come
+    (rewritten in place on a terminal, one line each otherwise), then `done in Ns`."""
+
+    STEP = re.compile(r"\[cat-ds\] step (\d+)/(\d+) .*?\bloss ([0-9.]+)")
+
+    def __init__(self, label: str):
+        self.label, self.t0, self.tty = label, time.time(), sys.stdout.isatty()
+        click.echo(f"{label} ...", nl=not self.tty)
+
+    def feed(self, line: str) -> None:
+        m = self.STEP.search(line)
+        if m is None:
+            return
+        step, total, loss = int(m[1]), int(m[2]), float(m[3])
+        text = f"step {step}/{total} ({100 * step // total}%) loss {loss:.4f}, {time.time() - self.t0:.0f}s"
+        if self.tty:  # one line per run, rewritten in place
+            click.echo(f"\r\033[K{self.label} ... {text}", nl=False)
+        else:
+            click.echo(f"    {text}")
+
+    def done(self, extra: str = "") -> None:
+        prefix = f"\r\033[K{self.label} ..." if self.tty else f"{self.label}:"
+        click.echo(f"{prefix} done in {time.time() - self.t0:.0f}s{extra}")
+
+
+def run_training(config: Path, overrides: list[str], nproc: int, log: Path, progress: RunProgress) -> None:
+    """One `cat-ds train` run: its whole output goes to `log`, its step lines also to `progress`."""
     cmd = [sys.executable, "-m", "cat_ds.cli", "train", str(config), "--nproc", str(nproc), "--ds-config", str(DS_CONFIG),
            "--resume", "auto"] + [a for kv in overrides for a in ("--set", kv)]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    with open(log, "w") as fh:
-        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    with open(log, "w") as fh, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                                text=True, errors="replace") as proc:
+        for line in proc.stdout:
+            fh.write(line)
+            fh.flush()  # the log is the place to look while a run is going
+            progress.feed(line)
+        rc = proc.wait()
     if rc != 0:
+        if progress.tty:
+            click.echo("")
         tail = "".join(log.read_text().splitlines(True)[-25:])
         raise click.ClickException(f"training failed (exit {rc}); last lines of {log}:\n{tail}")
 
@@ -147,11 +180,10 @@ def run_demo(task: str, size: str, seeds: int, out: Path, quick: bool, nproc: in
     t_all = time.time()
     for i, (seed, mode) in enumerate(jobs, 1):
         run_dir = runs_dir / f"{task}_{size}_{mode}_s{seed}"
-        t0 = time.time()
-        click.echo(f"[demo] ({i}/{len(jobs)}) {mode:>4} seed {seed} ...", nl=False)
+        progress = RunProgress(f"[demo] ({i}/{len(jobs)}) {mode:>4} seed {seed}")
         run_training(DEMO_CONFIG, train_overrides(data_dir, pretrained, run_dir, mode, seed, quick), nproc,
-                     runs_dir / f"{run_dir.name}.log")
-        click.echo(f" done in {time.time() - t0:.0f}s{_accuracies(run_dir)}")
+                     runs_dir / f"{run_dir.name}.log", progress)
+        progress.done(_accuracies(run_dir))
     click.echo(f"[demo] all runs done in {(time.time() - t_all) / 60:.1f} min\n")
     uri = os.environ.get("MLFLOW_TRACKING_URI") or resolve_tracking_uri(runs_dir / "mlflow")
     table = compare(uri, experiments=[EXPERIMENT], out_dir=out / "compare")

@@ -17,6 +17,8 @@ def test_demo_quick_logs_both_modes_and_compares(tmp_path):
     assert "| stg | eval/ood/accuracy |" in p.stdout and "CAT − base" in p.stdout
     assert (out / "compare" / "compare.md").read_text().strip() in p.stdout
     assert (out / "compare" / "compare.png").stat().st_size > 1000
+    # Progress is visible while the engine runs: the trainer's step lines reach the console.
+    assert "    step 8/8 (100%) loss" in p.stdout and p.stdout.count("    step 12/12 (100%) loss") == 2, p.stdout[-3000:]
 
     client = mlflow.MlflowClient(f"sqlite:///{out / 'runs' / 'mlflow' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("cat-ds-demo")
@@ -47,3 +49,18 @@ def test_demo_refuses_an_out_dir_from_the_earlier_tokenizer(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert p.returncode != 0
     assert "earlier cat-ds demo" in p.stderr and "pass a fresh --out" in p.stderr, p.stderr[-2000:]
+
+
+def test_a_failed_run_names_its_log_and_shows_its_tail(tmp_path, capsys):
+    # A run that fails must stop the demo with the log's last lines, not a bare exit code.
+    import click
+
+    from cat_ds.demo import RunProgress, run_training
+
+    log = tmp_path / "broken.log"
+    with pytest.raises(click.ClickException) as err:
+        run_training(tmp_path / "no_such_config.yaml", [], 1, log, RunProgress("[demo] broken"))
+    msg = err.value.format_message()
+    assert f"last lines of {log}" in msg and "training failed (exit" in msg
+    assert "no_such_config.yaml" in log.read_text() and "no_such_config.yaml" in msg
+    assert "[demo] broken ..." in capsys.readouterr().out
