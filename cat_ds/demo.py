@@ -19,6 +19,8 @@ import click
 REPO = Path(__file__).resolve().parents[1]  # configs live in the repo checkout, not the wheel
 DEMO_CONFIG = REPO / "configs" / "demo_stg.yaml"
 PRETRAIN_CONFIG = REPO / "configs" / "demo_pretrain.yaml"
+MODEL_CONFIG = REPO / "configs" / "models" / "demo_llama.json"  # 0.85M parameters; demo_llama_wide.json: 4.3M
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
 PRETRAIN_RECORDS = 38_400  # 600 steps x 64
 TOKENIZER_NUMBERS_LINES = 5_000
 # The recipe's optimizer (docs/demo_recipe.md): AdamW betas (0.9, 0.98), cosine decay to 10 % of lr.
@@ -82,15 +84,24 @@ def show_masks(data_dir: Path, tok_dir: Path) -> dict:
     return summary
 
 
-def pretrain(out: Path, tok_dir: Path, nproc: int, quick: bool) -> Path:
+def pretrain(out: Path, tok_dir: Path, nproc: int, quick: bool, model_config: Path) -> Path:
     """The generic numbers pre-training stage (once; reused by every run and later demos)."""
+    import json
+
     run_dir = out / "runs" / ("pretrain_quick" if quick else "pretrain")
     export = run_dir / "export"
     if (export / "config.json").exists():
+        have, want = (json.loads(f.read_text()) for f in (export / "config.json", model_config))
+        diff = [k for k in SHAPE_KEYS if have.get(k) != want.get(k)]
+        if diff:  # its fine-tuning runs would resume from checkpoints of another shape
+            raise click.ClickException(
+                f"{out} holds a demo pre-trained with another model shape ({', '.join(f'{k} {have.get(k)}' for k in diff)}; "
+                f"{model_config} has {', '.join(f'{k} {want.get(k)}' for k in diff)}): pass a fresh --out")
         click.echo(f"[demo] reusing the pre-trained model {export}")
         return export
-    progress = RunProgress(f"[demo] pre-training the tiny model on generic numbers text ({'quick' if quick else '600 steps'})")
-    sets = [f"output_dir={run_dir}", f"model.config={REPO / 'configs' / 'models' / 'demo_llama.json'}",
+    progress = RunProgress(f"[demo] pre-training the model ({model_config.name}) on generic numbers text "
+                           f"({'quick' if quick else '600 steps'})")
+    sets = [f"output_dir={run_dir}", f"model.config={model_config}",
             f"model.tokenizer={tok_dir}", f"data.train={out / 'data' / 'numbers.jsonl'}"]
     if quick:
         sets += ["train.max_steps=8", "train.log_every=4"]
@@ -163,7 +174,8 @@ def run_training(config: Path, overrides: list[str], nproc: int, log: Path, prog
         raise click.ClickException(f"training failed (exit {rc}); last lines of {log}:\n{tail}")
 
 
-def run_demo(task: str, size: str, seeds: int, out: Path, quick: bool, nproc: int | None) -> str:
+def run_demo(task: str, size: str, seeds: int, out: Path, quick: bool, nproc: int | None,
+             model_config: Path = MODEL_CONFIG) -> str:
     from cat_ds.tracking.compare import compare
     from cat_ds.tracking.mlflow_logger import resolve_tracking_uri
 
@@ -173,7 +185,7 @@ def run_demo(task: str, size: str, seeds: int, out: Path, quick: bool, nproc: in
     nproc = nproc or min(2, os.cpu_count() or 1)
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    pretrained = pretrain(out, tok_dir, nproc, quick)
+    pretrained = pretrain(out, tok_dir, nproc, quick, model_config.resolve())
     jobs = [(seed, mode) for seed in range(seeds) for mode in ("base", "cat")]
     click.echo(f"\n[demo] training {len(jobs)} runs (base and CAT x {seeds} seed(s)) on {nproc} rank(s), "
                f"DeepSpeed ZeRO-3; logs in {runs_dir}/<run>.log")

@@ -64,3 +64,21 @@ def test_a_failed_run_names_its_log_and_shows_its_tail(tmp_path, capsys):
     assert f"last lines of {log}" in msg and "training failed (exit" in msg
     assert "no_such_config.yaml" in log.read_text() and "no_such_config.yaml" in msg
     assert "[demo] broken ..." in capsys.readouterr().out
+
+
+def test_demo_refuses_an_out_dir_pretrained_with_another_model_shape(tmp_path):
+    # Its fine-tuning runs would resume (--resume auto) from checkpoints of the other shape.
+    import json
+
+    from conftest import REPO
+
+    out = tmp_path / "demo"
+    export = out / "runs" / "pretrain_quick" / "export"
+    export.mkdir(parents=True)
+    (export / "config.json").write_text((REPO / "configs" / "models" / "demo_llama.json").read_text())
+    wide = REPO / "configs" / "models" / "demo_llama_wide.json"
+    p = subprocess.run([str(VENV_BIN / "cat-ds"), "demo", "--quick", "--out", str(out), "--model-config", str(wide)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert "another model shape (hidden_size 128" in p.stderr and "pass a fresh --out" in p.stderr, p.stderr[-2000:]
+    assert json.loads(wide.read_text())["hidden_size"] == 256
