@@ -3,6 +3,8 @@ imports (torch, transformers) happen inside commands so `cat-ds --help` stays fa
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from cat_ds import __version__
@@ -209,17 +211,15 @@ def annotate(in_file, out_file, model, base_url, concurrency, prompt_template, e
 @click.option("--out", "out_dir", default="demo_out", type=click.Path(file_okay=False))
 @click.option("--quick", is_flag=True, help="A ~2-minute smoke run of the whole path (a few steps, small eval).")
 @click.option("--nproc", type=int, default=None, help="Ranks (default: 2 on a 2+ core CPU).")
-@click.option("--model-config", type=click.Path(exists=True, dir_okay=False), default=None,
+@click.option("--model-config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Hugging Face config of the model to build (default configs/models/demo_llama.json, 0.85M "
-                   "parameters; configs/models/demo_llama_wide.json is 4.3M, ~3x slower, and gains more reliably).")
+                   "parameters; configs/models/demo_llama_wide.json is 4.3M and takes ~1.8x as long).")
 def demo(task, size, seeds, out_dir, quick, nproc, model_config):
     """The embedded default: STG data, a local tokenizer, base vs CAT through the real
     engine (DeepSpeed ZeRO-3), IID/OOD evaluation, MLflow, and the compare table."""
-    from pathlib import Path
+    from cat_ds.demo import run_demo
 
-    from cat_ds.demo import MODEL_CONFIG, run_demo
-
-    run_demo(task, size, seeds, Path(out_dir), quick, nproc, Path(model_config) if model_config else MODEL_CONFIG)
+    run_demo(task, size, seeds, Path(out_dir), quick, nproc, model_config)
 
 
 @main.command("eval")

@@ -7,6 +7,7 @@ the `cat-ds compare` table and chart. Nothing is downloaded."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -86,8 +87,6 @@ def show_masks(data_dir: Path, tok_dir: Path) -> dict:
 
 def pretrain(out: Path, tok_dir: Path, nproc: int, quick: bool, model_config: Path) -> Path:
     """The generic numbers pre-training stage (once; reused by every run and later demos)."""
-    import json
-
     run_dir = out / "runs" / ("pretrain_quick" if quick else "pretrain")
     export = run_dir / "export"
     if (export / "config.json").exists():
@@ -175,7 +174,7 @@ def run_training(config: Path, overrides: list[str], nproc: int, log: Path, prog
 
 
 def run_demo(task: str, size: str, seeds: int, out: Path, quick: bool, nproc: int | None,
-             model_config: Path = MODEL_CONFIG) -> str:
+             model_config: Path | None = None) -> str:
     from cat_ds.tracking.compare import compare
     from cat_ds.tracking.mlflow_logger import resolve_tracking_uri
 
@@ -185,7 +184,7 @@ def run_demo(task: str, size: str, seeds: int, out: Path, quick: bool, nproc: in
     nproc = nproc or min(2, os.cpu_count() or 1)
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    pretrained = pretrain(out, tok_dir, nproc, quick, model_config.resolve())
+    pretrained = pretrain(out, tok_dir, nproc, quick, (model_config or MODEL_CONFIG).resolve())
     jobs = [(seed, mode) for seed in range(seeds) for mode in ("base", "cat")]
     click.echo(f"\n[demo] training {len(jobs)} runs (base and CAT x {seeds} seed(s)) on {nproc} rank(s), "
                f"DeepSpeed ZeRO-3; logs in {runs_dir}/<run>.log")
@@ -207,8 +206,6 @@ def run_demo(task: str, size: str, seeds: int, out: Path, quick: bool, nproc: in
 
 def _accuracies(run_dir: Path) -> str:
     """`  IID 0.91  OOD 0.62` from the run's last eval line in metrics.jsonl."""
-    import json
-
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return ""
