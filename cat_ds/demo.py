@@ -7,6 +7,7 @@ the `cat-ds compare` table and chart. Nothing is downloaded."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -159,9 +160,9 @@ def run_training(config: Path, overrides: list[str], nproc: int, log: Path, prog
     cmd = [sys.executable, "-m", "cat_ds.cli", "train", str(config), "--nproc", str(nproc), "--ds-config", str(DS_CONFIG),
            "--resume", "auto"] + [a for kv in overrides for a in ("--set", kv)]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    with open(log, "w") as fh, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                                text=True, errors="replace") as proc:
-        for line in proc.stdout:
+    with open(log, "w") as fh, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as proc:
+        # newline="": split at tqdm's "\r" too (progress stays live) but keep it, so the log is the raw output
+        for line in io.TextIOWrapper(proc.stdout, encoding="utf-8", errors="replace", newline=""):
             fh.write(line)
             fh.flush()  # the log is the place to look while a run is going
             progress.feed(line)

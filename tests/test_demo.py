@@ -19,6 +19,10 @@ def test_demo_quick_logs_both_modes_and_compares(tmp_path):
     assert (out / "compare" / "compare.png").stat().st_size > 1000
     # Progress is visible while the engine runs: the trainer's step lines reach the console.
     assert "    step 8/8 (100%) loss" in p.stdout and p.stdout.count("    step 12/12 (100%) loss") == 2, p.stdout[-3000:]
+    # Each run's log is its raw output: progress-bar frames keep their "\r" instead of becoming a line each.
+    with open(out / "runs" / "pretrain_quick.log", newline="") as fh:
+        raw = fh.read()
+    assert "[cat-ds] step 8/8 " in raw and "\r" in raw
 
     client = mlflow.MlflowClient(f"sqlite:///{out / 'runs' / 'mlflow' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("cat-ds-demo")
