@@ -170,8 +170,13 @@ def run_training(config: Path, overrides: list[str], nproc: int, log: Path, prog
     if rc != 0:
         if progress.tty:
             click.echo("")
-        tail = "".join(log.read_text().splitlines(True)[-25:])
-        raise click.ClickException(f"training failed (exit {rc}); last lines of {log}:\n{tail}")
+        raise click.ClickException(f"training failed (exit {rc}); last lines of {log}:\n{log_tail(log)}")
+
+
+def log_tail(log: Path, n: int = 25) -> str:
+    """The last `n` lines of a run log as a terminal shows them: of "\r"-separated progress frames, the last."""
+    lines = log.read_bytes().decode("utf-8", "replace").rstrip("\n").split("\n")
+    return "\n".join(next((seg for seg in reversed(ln.split("\r")) if seg.strip()), "") for ln in lines[-n:])
 
 
 def run_demo(task: str, size: str, seeds: int, out: Path, quick: bool, nproc: int | None,

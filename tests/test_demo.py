@@ -70,6 +70,15 @@ def test_a_failed_run_names_its_log_and_shows_its_tail(tmp_path, capsys):
     assert "[demo] broken ..." in capsys.readouterr().out
 
 
+def test_a_log_tail_shows_the_last_frame_of_each_progress_line(tmp_path):
+    from cat_ds.demo import log_tail
+
+    log = tmp_path / "run.log"
+    log.write_bytes(b"start\n\rtokenise 10%\rtokenise 100%\r\n[cat-ds] step 1/2\r\nboom: bad \xff byte\n")
+    assert log_tail(log) == "start\ntokenise 100%\n[cat-ds] step 1/2\nboom: bad \ufffd byte"
+    assert log_tail(log, n=2) == "[cat-ds] step 1/2\nboom: bad \ufffd byte"
+
+
 def test_demo_refuses_an_out_dir_pretrained_with_another_model_shape(tmp_path):
     # Its fine-tuning runs would resume (--resume auto) from checkpoints of the other shape.
     import json
