@@ -11,7 +11,7 @@ it with `train.max_steps=2`, whose two steps DeepSpeed runs at lr 0, and exporti
 takes each rank's micro-batches from the engine's own data order (`StepBatches`), averages the
 micro-batch losses as DeepSpeed averages gradients, clips, and steps torch's AdamW with the
 ds_config's hyper-parameters at the learning rate the run logged for that step. LM-only runs
-(cat.enabled false). Prints step, the run's and the replay's loss and gradient norm, and the worst
+(cat.enabled false, train.lm_normalization micro). Prints step, the run's and the replay's loss and gradient norm, and the worst
 relative difference; docs/demo_recipe.md ("The engine's pre-training is the search's") used it.
 """
 from __future__ import annotations
@@ -44,8 +44,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     cfg = load_config(args.run_dir / "config.yaml")
     ds = json.loads((args.run_dir / "ds_config.json").read_text())
-    if cfg.cat.enabled:
-        raise SystemExit(f"{args.run_dir}: cat.enabled is true; the replay covers LM-only runs")
+    if cfg.cat.enabled or cfg.train.lm_normalization != "micro":
+        raise SystemExit(f"{args.run_dir}: the replay covers LM-only runs with train.lm_normalization micro")
     init = args.init or cfg.model.name_or_path
     if not init:
         raise SystemExit(f"{args.run_dir}: random-init run; pass --init with its initial weights (see --help)")
@@ -53,6 +53,7 @@ def main(argv=None) -> None:
     rows = [r for r in rows if "lm_loss" in r][: args.steps]
     t = cfg.train
     world = ds["train_batch_size"] // (t.micro_batch_size * t.grad_accum)
+    scale = world * t.grad_accum  # DeepSpeed averages the micro-batch gradients over ranks x accumulation
     tok = load_tokenizer(cfg.model.tokenizer or init)
     with tempfile.TemporaryDirectory() as cache:
         data = tokenize_dataset(cfg.data.train, tok, max_length=cfg.data.max_length, min_gap=cfg.cat.min_gap,
@@ -73,8 +74,8 @@ def main(argv=None) -> None:
             for rank in ranks:
                 for mb in rank.step(step):
                     out = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], labels=mb["labels"])
-                    (out.loss / (world * t.grad_accum)).backward()  # DeepSpeed's mean over ranks x accumulation
-                    loss += float(out.loss.detach()) / (world * t.grad_accum)
+                    (out.loss / scale).backward()
+                    loss += float(out.loss.detach()) / scale
             clip = ds.get("gradient_clipping") or float("inf")  # 0: DeepSpeed does not clip
             gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
             for g in opt.param_groups:
