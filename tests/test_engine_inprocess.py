@@ -172,3 +172,24 @@ def test_cat_granularity_reaches_the_loss(tmp_path, stg_dir, bpe_tokenizer, dist
     # Near-uniform attention at init: the two differ by ~1e-5, far above float32 noise (~1e-7) on
     # identical arithmetic; without the plumbing they would be bit-identical.
     assert abs(first["all"]["cat_loss"] - first["head"]["cat_loss"]) > 1e-6
+
+
+def test_answer_only_logits_same_losses_and_gradients(tmp_path, stg_dir, bpe_tokenizer, dist):
+    """The loop projects only answer positions onto the vocabulary (`logits_to_keep`); the full
+    `labels=` path gives the same trajectory: 3 steps, CAT on, accumulation 2, both LM
+    normalisations (per micro-batch mean; global sum / count through num_items_in_batch)."""
+    for norm in ("micro", "global"):
+        (tmp_path / norm).mkdir()
+        runs = {}
+        for keep in (True, False):
+            cfg, engine, batches, tok, info = _engine(
+                tmp_path / norm, f"keep_{keep}", stg_dir, bpe_tokenizer, dist,
+                train={"max_steps": 3, "grad_accum": 2, "micro_batch_size": 4, "lm_normalization": norm},
+                cat={"enabled": True})
+            loop = _loop(cfg, engine, batches, tok, info)
+            assert loop.keep_logits  # Llama's forward takes the mask: the fast path is the one tested
+            loop.keep_logits = keep
+            runs[keep] = [loop.train_step(s, False) for s in range(3)]
+        for a, b in zip(runs[True], runs[False]):
+            for k in ("loss", "lm_loss", "cat_loss", "grad_norm"):
+                assert math.isclose(a[k], b[k], rel_tol=2e-5, abs_tol=1e-7), (norm, k, a[k], b[k])

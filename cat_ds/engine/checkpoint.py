@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from cat_ds.engine.distributed import barrier
+from cat_ds.engine.preflight import checkpoint_root  # noqa: F401  (re-exported: one owner)
 
 TAG_RE = re.compile(r"^step_(\d+)$")
 COMPLETE = "COMPLETE"
@@ -33,10 +34,6 @@ COMPLETE = "COMPLETE"
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def checkpoint_root(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
 
 
 def read_latest(root: str | Path) -> str | None:

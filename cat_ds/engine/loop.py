@@ -15,6 +15,7 @@ attn_ratio (mean a1/a0 over supervised rows, CAT runs), step_time_s.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import signal
@@ -56,6 +57,8 @@ class Loop:
         mc = engine.module.config
         self.num_layers, self.num_heads = mc.num_hidden_layers, mc.num_attention_heads
         self.scale = cfg.train.grad_accum * info.world_size  # DeepSpeed's averaging factor
+        # The model's forward takes a boolean logits_to_keep mask (transformers >= 5, most CausalLMs).
+        self.keep_logits = "logits_to_keep" in inspect.signature(engine.module.forward).parameters
         self.step = 0  # completed optimizer steps
         self.last_saved = -1
 
@@ -94,7 +97,7 @@ class Loop:
             if cfg.cat.enabled:
                 ctx = CatContext.from_batch(mb, layers=layers, heads=heads, num_heads=self.num_heads)
                 kw["cat"] = ctx
-            out = eng(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], labels=mb["labels"], **kw)
+            out = self.forward(mb, kw)
             loss = out.loss
             if ctx is not None:
                 res = reattention_loss(ctx, alpha=cfg.cat.alpha, loss_type=cfg.cat.loss_type,
@@ -119,6 +122,26 @@ class Loop:
                 "amplitude": amp, "lr": lr, "grad_norm": float(gn) if gn is not None else math.nan,
                 "tokens_per_s": tokens / dt, "attn_ratio": rsum / rn if rn else math.nan, "step_time_s": dt,
                 "_stop": stop > 0}
+
+    def forward(self, mb: dict, kw: dict):
+        """The model's forward and LM loss (mean over answer tokens, or sum / num_items_in_batch).
+
+        Why not `labels=`: the model would project every position onto the vocabulary (49k x 576
+        on SmolLM2: a fifth of the step's FLOPs) while only the few answer positions carry a label.
+        `logits_to_keep` (a boolean mask, transformers >= 5) keeps just those; transformers' own
+        loss function then gets their shifted labels. Same loss, same gradients."""
+        eng = self.engine
+        if not self.keep_logits:
+            return eng(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], labels=mb["labels"], **kw)
+        labels = mb["labels"]
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = labels[:, 1:] != -100  # position t predicts token t + 1
+        cat = {"cat": kw["cat"]} if "cat" in kw else {}
+        out = eng(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], logits_to_keep=keep, **cat)
+        extra = {"num_items_in_batch": kw["num_items_in_batch"]} if "num_items_in_batch" in kw else {}
+        out.loss = eng.module.loss_function(logits=out.logits, labels=None, vocab_size=out.logits.shape[-1],
+                                            shift_labels=labels[:, 1:][keep[:, :-1]], **extra)
+        return out
 
     # ------------------------------------------------------------------ the run
     def save(self) -> None:

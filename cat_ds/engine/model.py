@@ -21,9 +21,22 @@ def model_dtype(cfg: Config, on_gpu: bool) -> torch.dtype:
     return torch.bfloat16 if bf16 else torch.float32
 
 
+def model_source(cfg: Config, convert: bool = False) -> str:
+    """`model.name_or_path` as a directory or hub id (cat_ds.sources); a GGUF is converted
+    (once, cached) only where convert=True: the main rank, before the others look."""
+    from cat_ds.sources import SourceError, resolve
+
+    try:
+        return resolve(cfg.model.name_or_path, convert=convert)
+    except SourceError as e:
+        raise ConfigError(f"model.name_or_path: {e}") from None
+
+
 def load_model_config(cfg: Config):
     """The transformers config (no weights), e.g. to size ZeRO buckets before loading."""
     from transformers import AutoConfig
+
+    from cat_ds.sources import load_error
 
     if cfg.model.config:
         path = Path(cfg.model.config)
@@ -33,13 +46,17 @@ def load_model_config(cfg: Config):
         if "model_type" not in d:
             raise ConfigError(f"model.config: {path}: needs a 'model_type' (e.g. \"llama\")")
         return AutoConfig.for_model(**d)
-    return AutoConfig.from_pretrained(cfg.model.name_or_path)
+    src = model_source(cfg)
+    try:
+        return AutoConfig.from_pretrained(src)
+    except OSError as e:  # a hub id that is unreachable or unknown
+        raise ConfigError(str(load_error(src, e))) from None
 
 
 def load_tokenizer(cfg: Config):
     from cat_ds.data.tokenizers import load_tokenizer as _load
 
-    return _load(cfg.model.tokenizer or cfg.model.name_or_path)
+    return _load(cfg.model.tokenizer or model_source(cfg))
 
 
 def build_model(cfg: Config, ds_config: dict, *, on_gpu: bool, vocab_size: int | None = None):
@@ -61,7 +78,7 @@ def build_model(cfg: Config, ds_config: dict, *, on_gpu: bool, vocab_size: int |
             raise ConfigError(f"model.config: vocab_size {mcfg.vocab_size} < the tokenizer's {vocab_size} tokens")
         model = AutoModelForCausalLM.from_config(mcfg, dtype=dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_source(cfg), dtype=dtype)
     model.set_attn_implementation(cfg.model.attn_implementation)
     model.config.use_cache = False
     if cfg.model.gradient_checkpointing:

@@ -10,25 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cat_ds.config import Config, ConfigError, dump_yaml, fill_ds_config, load_ds_config, unresolved_auto
+from cat_ds.config import Config, ConfigError, dump_yaml, fill_ds_config, unresolved_auto
 from cat_ds.engine import checkpoint
 from cat_ds.engine.data import StepBatches, default_cache_dir, ensure_stg, tokenize_dataset
 from cat_ds.engine.distributed import DistInfo, barrier, init_distributed
 from cat_ds.engine.loop import EvalFn, Loop
-from cat_ds.engine.model import build_model, load_model_config, load_tokenizer
-
-
-def check(cfg: Config, ds_config_path: str, world_size: int, resume: str | None = "auto") -> dict:
-    """Everything that can be checked without data or a model: raises ConfigError."""
-    ds = load_ds_config(ds_config_path)
-    fill_ds_config(ds, cfg, world_size=world_size, src=ds_config_path)  # batch arithmetic, fp16-on-CPU
-    latest = checkpoint.checkpoint_root(cfg.output_dir) / "latest"
-    if resume != "auto" and latest.exists():
-        # A fresh run would interleave its checkpoints with the old ones (and keep-last-K could
-        # then prune the new ones): refuse instead of guessing.
-        raise ConfigError(f"output_dir {cfg.output_dir} already holds checkpoints of a run ({latest}): "
-                          "continue it with --resume auto, or choose another output_dir")
-    return ds
+from cat_ds.engine.model import build_model, load_model_config, load_tokenizer, model_source
+from cat_ds.engine.preflight import check
 
 
 def _main_first(info: DistInfo, fn):
@@ -43,8 +31,10 @@ def _main_first(info: DistInfo, fn):
 
 
 def _prepare_files(cfg: Config) -> None:
-    """Main rank: generate a missing STG set, train a missing local tokenizer."""
+    """Main rank: generate a missing STG set, convert a GGUF model (once), train a missing local tokenizer."""
     ensure_stg(cfg.data.train + list(cfg.data.eval.values()), cfg.data.generate_stg)
+    if cfg.model.name_or_path:
+        model_source(cfg, convert=True)
     tok = cfg.model.tokenizer
     if cfg.model.config and tok and not Path(tok).exists() and cfg.model.train_tokenizer:
         from cat_ds.data.tokenizers import train_tokenizer

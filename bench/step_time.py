@@ -1,0 +1,272 @@
+"""One training step on a real model, side by side: plain PyTorch, the engine (ZeRO-3 on 1 and
+2 ranks, ZeRO-2), base and CAT, against the machine's FLOP limit; plus the start-up time of
+`cat-ds train` to its first step.
+
+    .venv/bin/python bench/step_time.py [--config configs/smollm2_stg.yaml] [--steps 5] [--json]
+
+Every variant runs in a fresh process (its own threads and allocator), on the same STG batches
+(the engine's data order: optimizer step s = the same 8 records everywhere; 2 ranks take 4
+each). Per variant and mode: --warmup steps, then the median of --steps timed steps, the modes
+interleaved step by step so background load hits both alike.
+- plain: `from_pretrained`, `model(..., labels=...)`, `loss.backward()`, fused torch AdamW; CAT
+  adds the same attention function and Re-Attention loss the engine uses. Nothing else: the
+  floor DeepSpeed's machinery is measured against (a timing reference, it trains nothing).
+- zero3x1, zero3x2, zero2x1: `Loop.train_step` of the engine (`runner.setup`), with
+  ds_configs/zero3.json or zero2.json, as `cat-ds train` runs them.
+FLOP limit: 6 x parameters x non-padding tokens of the step / the rate of a 2048^2 fp32 matmul
+on all cores (on a GPU: an 8192^2 bf16 matmul), measured in the same run; MFU is that limit
+over the measured step. `--json` ends with one line of the ratios:
+engine_over_plain (CAT, ZeRO-3, 1 rank, over plain CAT), cat_over_base (engine, ZeRO-3, 1 rank),
+engine_over_flop_limit (engine CAT step over the limit), startup_s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+VARIANTS = {"plain": (None, 1), "zero3x1": ("ds_configs/zero3.json", 1), "zero3x2": ("ds_configs/zero3.json", 2),
+            "zero2x1": ("ds_configs/zero2.json", 1)}
+
+
+def matmul_rate(n: int = 2048, reps: int = 5, bursts: int = 5) -> float:
+    """FLOP/s of a large matmul in the training dtype: fp32 on CPU (all cores), bf16 on a GPU
+    (n = 8192 there, where smaller matrices would not fill the device)."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    n, dtype, dev = (8192, torch.bfloat16, "cuda") if gpu else (n, torch.float32, "cpu")
+    a, b = torch.randn(n, n, dtype=dtype, device=dev), torch.randn(n, n, dtype=dtype, device=dev)
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    a @ b
+    best = 0.0
+    for _ in range(bursts):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync()
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t0))
+    return best
+
+
+def overrides(args, mode: str, out: str, micro: int) -> list[str]:
+    return [f"output_dir={out}", "train.save_every=0", "train.export=false", "tracking.mlflow=false",
+            f"train.micro_batch_size={micro}", "train.grad_accum=1", f"cat.enabled={str(mode == 'cat').lower()}",
+            "eval.probe_size=0", *args.set]
+
+
+def plain_stepper(cfg, device):
+    """The floor: one process, no DeepSpeed. Returns step(batch) -> None."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cat_ds.engine.model import model_dtype, model_source
+    from cat_ds.reattention import CatContext, reattention_loss, register
+
+    register()
+    dtype = model_dtype(cfg, on_gpu=device.type == "cuda")
+    model = AutoModelForCausalLM.from_pretrained(model_source(cfg), dtype=dtype).to(device)
+    model.set_attn_implementation("cat_sdpa")
+    model.config.use_cache = False
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, fused=True)
+    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+
+    def step(mb):
+        mb = {k: v.to(device) for k, v in mb.items()}
+        kw = {}
+        if cfg.cat.enabled:
+            kw["cat"] = CatContext.from_batch(mb, layers=list(range(n_layers)), num_heads=n_heads)
+        out = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], labels=mb["labels"], **kw)
+        loss = out.loss
+        if cfg.cat.enabled:
+            loss = loss + reattention_loss(kw["cat"], alpha=cfg.cat.alpha, loss_type=cfg.cat.loss_type).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def child(args) -> None:
+    """One variant, both modes; prints a JSON line (rank 0)."""
+    import torch
+
+    from cat_ds.config import load_config
+    from cat_ds.engine.distributed import init_distributed
+
+    ds_path, world = VARIANTS[args.child]
+    info = init_distributed()
+    micro = 8 // world
+    steppers, batches = {}, None
+    for mode in args.modes.split(","):
+        cfg = load_config(args.config, overrides(args, mode, f"{args.work}/{args.child}_{mode}", micro))
+        if ds_path is None:
+            from cat_ds.data.collate import CatCollator
+            from cat_ds.engine.data import StepBatches, tokenize_dataset
+            from cat_ds.engine.model import load_tokenizer
+
+            tok = load_tokenizer(cfg)
+            data = tokenize_dataset(cfg.data.train, tok, max_length=cfg.data.max_length, min_gap=cfg.cat.min_gap,
+                                    cache_dir=f"{args.work}/cache")
+            batches = StepBatches(data, CatCollator(tok.pad_token_id), micro=8, accum=1, world=1, rank=0,
+                                  seed=cfg.train.seed)
+            st = plain_stepper(cfg, info.device)
+            steppers[mode] = (lambda s, st=st: st(batches.step(s)[0]))
+        else:
+            from cat_ds.engine.loop import Loop
+            from cat_ds.engine.runner import setup
+            from cat_ds.tracking.base import NullLogger
+
+            engine, batches, tok, _, _, info = setup(cfg, ds_path, info)
+            loop = Loop(cfg, engine, batches, tok, info=info, total_steps=10 ** 9, logger=NullLogger(), evaluate=None)
+            steppers[mode] = (lambda s, loop=loop: loop.train_step(s, False))
+    times = {m: [] for m in steppers}
+    tokens = []
+    sync = torch.cuda.synchronize if info.device.type == "cuda" else (lambda: None)
+    for s in range(args.warmup + args.steps):
+        for m, fn in steppers.items():
+            sync()
+            t0 = time.perf_counter()
+            fn(s)
+            sync()
+            if s >= args.warmup:
+                times[m].append(time.perf_counter() - t0)
+        if s >= args.warmup:  # the step's real tokens over every rank
+            t = torch.tensor([float(sum(int(mb["attention_mask"].sum()) for mb in batches.step(s)))])
+            if world > 1:
+                torch.distributed.all_reduce(t)
+            tokens.append(float(t))
+    if info.is_main:
+        print("RESULT " + json.dumps({"variant": args.child, "threads": torch.get_num_threads(),
+                                      "tokens": statistics.mean(tokens),
+                                      **{m: statistics.median(v) for m, v in times.items()},
+                                      **{f"{m}_all": [round(x, 3) for x in v] for m, v in times.items()}}), flush=True)
+
+
+def run_child(args, variant: str) -> dict:
+    _, world = VARIANTS[variant]
+    me = [str(Path(__file__).resolve()), "--child", variant, "--config", args.config, "--work", args.work,
+          "--steps", str(args.steps), "--warmup", str(args.warmup), "--modes", args.modes]
+    for s in args.set:
+        me += ["--set", s]
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS",)}
+    if world == 1:
+        cmd = [sys.executable, *me]
+    else:  # the rule `cat-ds train` applies: the cores shared by the ranks
+        from cat_ds.engine.preflight import threads_per_rank
+
+        env["OMP_NUM_THREADS"] = str(threads_per_rank(world))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-port",
+               str(29500 + os.getpid() % 1000), *me]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+    lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+    if p.returncode or not lines:
+        sys.exit(f"{variant} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    return json.loads(lines[-1][7:])
+
+
+def startup(args) -> float:
+    """Seconds from `cat-ds train` (1 rank, MLflow on, as a user runs it) to its first step's start."""
+    out = Path(args.work) / "startup"
+    cmd = [str(Path(sys.executable).with_name("cat-ds")), "train", args.config]
+    for s in [f"output_dir={out}", "train.max_steps=1", "train.export=false", "eval.probe_size=0", "data.eval={}",
+              *args.set]:
+        cmd += ["--set", s]
+    metrics = out / "metrics.jsonl"
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = None
+    while p.poll() is None:
+        if seen is None and metrics.is_file() and metrics.read_text().strip():
+            seen = time.perf_counter()
+        time.sleep(0.1)
+    log = p.stdout.read()
+    if p.returncode or not metrics.is_file():
+        sys.exit(f"startup run failed (exit {p.returncode}):\n{log[-3000:]}")
+    seen = seen or time.perf_counter()
+    first = json.loads(metrics.read_text().splitlines()[0])
+    return seen - t0 - first["step_time_s"]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/smollm2_stg.yaml")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--modes", default="base,cat")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    p.add_argument("--no-startup", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    p.add_argument("--work", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(args)
+        return 0
+    import torch
+
+    from cat_ds.config import load_config
+    from cat_ds.engine.model import load_model_config, model_source
+
+    args.work = args.work or tempfile.mkdtemp(prefix="step_time-")
+    cfg = load_config(args.config, args.set)
+    model_source(cfg, convert=True)  # a GGUF is converted once, before anything is timed
+    mc = load_model_config(cfg)
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(mc).parameters())
+    rate = matmul_rate()
+    rows = [run_child(args, v) for v in args.variants.split(",") if v]
+    by = {r["variant"]: r for r in rows}
+    modes = args.modes.split(",")
+    tokens = rows[0]["tokens"] if rows else math.nan
+    limit = 6 * n_params * tokens / rate
+    res = {"model": cfg.model.name_or_path, "parameters": n_params, "tokens_per_step": tokens,
+           "matmul_gflops": rate / 1e9, "flop_limit_s": limit, "torch": torch.__version__, "rows": rows}
+    z = by.get("zero3x1", {})
+    if "plain" in by and z and "cat" in modes:
+        res["engine_over_plain"] = z["cat"] / by["plain"]["cat"]
+    if "base" in modes and "plain" in by and z:
+        res["engine_over_plain_base"] = z["base"] / by["plain"]["base"]
+    if z and {"base", "cat"} <= set(modes):
+        res["cat_over_base"] = z["cat"] / z["base"]
+    if z and "cat" in modes:
+        res["engine_over_flop_limit"] = z["cat"] / limit
+    if not args.no_startup:
+        res["startup_s"] = startup(args)
+    for r in rows:  # tokens/s and MFU (model FLOPs 6 x N x tokens over the measured matmul rate)
+        for m in modes:
+            r[f"{m}_tokens_per_s"] = r["tokens"] / r[m]
+            r[f"{m}_mfu"] = 6 * n_params * r["tokens"] / r[m] / rate
+    print(f"{res['model']}: {n_params / 1e6:.1f}M parameters, {res['tokens_per_step']:.0f} tokens/step, "
+          f"matmul {rate / 1e9:.0f} GFLOP/s, FLOP limit {limit:.2f} s/step")
+    print("| variant | threads/rank | " + " | ".join(f"{m} s/step (median) | {m} tokens/s | {m} MFU" for m in modes)
+          + " |")
+    print("|---|---|" + "---|---|---|" * len(modes))
+    for r in rows:
+        print(f"| {r['variant']} | {r['threads']} | " + " | ".join(
+            f"{r[m]:.2f} | {r[f'{m}_tokens_per_s']:.0f} | {r[f'{m}_mfu']:.0%}" for m in modes) + " |")
+    for k in ("engine_over_plain", "engine_over_plain_base", "cat_over_base", "engine_over_flop_limit", "startup_s"):
+        if k in res:
+            print(f"{k}: {res[k]:.3f}")
+    if args.json:
+        print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
