@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -221,6 +222,7 @@ def main() -> int:
     from cat_ds.config import load_config
     from cat_ds.engine.model import load_model_config, model_source
 
+    own_work = args.work is None
     args.work = args.work or tempfile.mkdtemp(prefix="step_time-")
     cfg = load_config(args.config, args.set)
     model_source(cfg, convert=True)  # a GGUF is converted once, before anything is timed
@@ -248,6 +250,8 @@ def main() -> int:
         res["engine_over_flop_limit"] = z["cat"] / limit
     if not args.no_startup:
         res["startup_s"] = startup(args)
+    if own_work:  # the start-up run's checkpoint alone is ~1.6 GB
+        shutil.rmtree(args.work, ignore_errors=True)
     for r in rows:  # tokens/s and MFU (model FLOPs 6 x N x tokens over the measured matmul rate)
         for m in modes:
             r[f"{m}_tokens_per_s"] = r["tokens"] / r[m]

@@ -141,3 +141,22 @@ def test_two_ranks_replay_as_one_plain_pytorch_process(tmp_path, stg_dir, tok_di
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 6 and summary["world"] == 2
     assert summary["max_rel_diff"] < 1e-4, summary  # measured ~1e-5 on the wide demo model (fp32 sums)
+
+
+def test_cli_one_rank_runs_without_torchrun(reference, stg_dir, tok_dir):
+    """`cat-ds train --nproc 1` starts the rank itself (no torchrun agent to start first, and
+    the rank picks its threads from the cores); it trains what the 2-rank reference trains."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tmp, _, ref = reference
+    cfg = write_config(tmp, "cli1", stg_dir=stg_dir, tokenizer_dir=tok_dir, train={"max_steps": 8, "grad_accum": 2})
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    p = subprocess.run([str(Path(sys.executable).with_name("cat-ds")), "train", str(cfg), "--nproc", "1"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    launched = next(line for line in p.stderr.splitlines() if line.startswith("+ "))
+    assert "-m cat_ds.train" in launched and "torch.distributed.run" not in launched
+    _close(metrics(tmp / "cli1"), ref, rtol=1e-6)
