@@ -8,9 +8,9 @@ Every variant runs in a fresh process (its own threads and allocator), on the sa
 (the engine's data order: optimizer step s = the same 8 records everywhere; 2 ranks take 4
 each). Per variant and mode: --warmup steps, then the median of --steps timed steps, the modes
 interleaved step by step so background load hits both alike.
-- plain: `from_pretrained`, `model(..., labels=...)`, `loss.backward()`, fused torch AdamW; CAT
-  adds the same attention function and Re-Attention loss the engine uses. Nothing else: the
-  floor DeepSpeed's machinery is measured against (a timing reference, it trains nothing).
+- plain: `cat_ds.engine.plain_step` (`from_pretrained`, `model(..., labels=...)`, backward, fused
+  torch AdamW; CAT adds the engine's attention function and loss): the floor DeepSpeed's
+  machinery is measured against (a timing reference, it trains nothing).
 - zero3x1, zero3x2, zero2x1: `Loop.train_step` of the engine (`runner.setup`), with
   ds_configs/zero3.json or zero2.json, as `cat-ds train` runs them.
 FLOP limit: 6 x parameters x non-padding tokens of the step / the rate of a 2048^2 fp32 matmul
@@ -66,39 +66,6 @@ def overrides(args, mode: str, out: str, micro: int) -> list[str]:
             "eval.probe_size=0", *args.set]
 
 
-def plain_stepper(cfg, device):
-    """The floor: one process, no DeepSpeed. Returns step(batch) -> None."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from cat_ds.engine.model import model_dtype, model_source
-    from cat_ds.reattention import CatContext, reattention_loss, register
-
-    register()
-    dtype = model_dtype(cfg, on_gpu=device.type == "cuda")
-    model = AutoModelForCausalLM.from_pretrained(model_source(cfg), dtype=dtype).to(device)
-    model.set_attn_implementation("cat_sdpa")
-    model.config.use_cache = False
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, fused=True)
-    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
-
-    def step(mb):
-        mb = {k: v.to(device) for k, v in mb.items()}
-        kw = {}
-        if cfg.cat.enabled:
-            kw["cat"] = CatContext.from_batch(mb, layers=list(range(n_layers)), num_heads=n_heads)
-        out = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], labels=mb["labels"], **kw)
-        loss = out.loss
-        if cfg.cat.enabled:
-            loss = loss + reattention_loss(kw["cat"], alpha=cfg.cat.alpha, loss_type=cfg.cat.loss_type).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
 def child(args) -> None:
     """One variant, both modes; prints a JSON line (rank 0)."""
     import torch
@@ -122,6 +89,8 @@ def child(args) -> None:
                                     cache_dir=f"{args.work}/cache")
             batches = StepBatches(data, CatCollator(tok.pad_token_id), micro=8, accum=1, world=1, rank=0,
                                   seed=cfg.train.seed)
+            from cat_ds.engine.plain_step import plain_stepper
+
             st = plain_stepper(cfg, info.device)
             steppers[mode] = (lambda s, st=st: st(batches.step(s)[0]))
         else:

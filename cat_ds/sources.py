@@ -12,6 +12,7 @@ killed run never leaves a half-written model that a later run would trust.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -59,6 +60,14 @@ def _check_gguf(path: Path) -> None:
 
 
 def file_digest(path: Path) -> str:
+    """Content hash (first 20 hex digits); memoised per file version, since the engine resolves
+    the same source several times per rank (config, tokenizer, weights)."""
+    st = Path(path).stat()
+    return _digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
