@@ -86,6 +86,7 @@ def child(args) -> None:
 
             tok = load_tokenizer(cfg)
             data = tokenize_dataset(cfg.data.train, tok, max_length=cfg.data.max_length, min_gap=cfg.cat.min_gap,
+                                    chat_template=cfg.data.chat_template,
                                     cache_dir=f"{args.work}/cache")
             batches = StepBatches(data, CatCollator(tok.pad_token_id), micro=8, accum=1, world=1, rank=0,
                                   seed=cfg.train.seed)

@@ -1,8 +1,8 @@
 """Training-step throughput of base vs CAT through the real engine (DeepSpeed ZeRO-3, the
 same `Loop.train_step` that training runs).
 
-    .venv/bin/python bench/train_step.py --config configs/stg_tiny_cat.yaml          # CPU, real STG data
-    .venv/bin/python bench/train_step.py --config configs/stg_tiny_cat.yaml \\
+    .venv/bin/python bench/train_step.py --config configs/stg_tiny.yaml          # CPU, real STG data
+    .venv/bin/python bench/train_step.py --config configs/stg_tiny.yaml \\
         --model-config bench/llama_1b.json --seq-len 2048 --micro-batch 4           # GPU: ~1B, bf16, synthetic
 
 Runs one process (world size 1; under `deepspeed`/`torchrun` it uses all ranks). For each mode
@@ -114,7 +114,7 @@ def time_block(loop, start: int, n: int, info) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/stg_tiny_cat.yaml")
+    p.add_argument("--config", default="configs/stg_tiny.yaml")
     p.add_argument("--ds_config", default="ds_configs/zero3.json")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[])
     p.add_argument("--model-config", default=None, help="random-init model JSON (overrides the config's model)")

@@ -209,17 +209,13 @@ def annotate(in_file, out_file, model, base_url, concurrency, prompt_template, e
 @click.option("--size", type=click.Choice(["S", "M", "L"]), default="M", help="STG training size (400/800/1600).")
 @click.option("--seeds", type=int, default=1, help="Seeds per mode (base and CAT share them).")
 @click.option("--out", "out_dir", default="demo_out", type=click.Path(file_okay=False))
-@click.option("--quick", is_flag=True, help="A ~2-minute smoke run of the whole path (a few steps, small eval).")
-@click.option("--nproc", type=int, default=None, help="Ranks (default: 2 on a 2+ core CPU).")
-@click.option("--model-config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Hugging Face config of the model to build (default configs/models/demo_llama.json, 0.85M "
-                   "parameters; configs/models/demo_llama_wide.json is 4.3M and takes ~1.8x as long).")
-def demo(task, size, seeds, out_dir, quick, nproc, model_config):
-    """The embedded default: STG data, a local tokenizer, base vs CAT through the real
-    engine (DeepSpeed ZeRO-3), IID/OOD evaluation, MLflow, and the compare table."""
+@click.option("--quick", is_flag=True, help="A smoke run of the whole path in a few minutes (12 steps, 50+50 eval records).")
+def demo(task, size, seeds, out_dir, quick):
+    """The embedded default: SmolLM2-135M-Instruct fine-tuned on generated STG data, base vs CAT
+    through the engine, IID/OOD evaluation, MLflow, and the compare table. Nothing is downloaded."""
     from cat_ds.demo import run_demo
 
-    run_demo(task, size, seeds, Path(out_dir), quick, nproc, model_config)
+    run_demo(task, size, seeds, Path(out_dir), quick)
 
 
 @main.command("eval")
@@ -237,9 +233,11 @@ def demo(task, size, seeds, out_dir, quick, nproc, model_config):
 @click.option("--tokenizer", "tokenizer_dir", default=None, help="Tokenizer dir, if not in the model dir.")
 @click.option("--predictions", "predictions_out", type=click.Path(dir_okay=False), default=None,
               help="Write input/target/prediction/correct as JSONL here.")
+@click.option("--chat-template", is_flag=True, help="Render each input as the user turn of the model's chat template "
+              "(for models trained with data.chat_template: true).")
 @click.option("--json", "as_json", is_flag=True, help="Print {\"accuracy\", \"n\", \"correct\"} as the last line.")
 def eval_cmd(model_dir, data_files, scorer, batch_size, max_new_tokens, newline_cut, prompt_mode, tokenizer_dir,
-             predictions_out, as_json):
+             predictions_out, chat_template, as_json):
     """Generate and score a model on records, like the training-time evaluation."""
     import json
 
@@ -247,7 +245,7 @@ def eval_cmd(model_dir, data_files, scorer, batch_size, max_new_tokens, newline_
 
     res = evaluate_model_dir(model_dir, list(data_files), scorer=scorer, batch_size=batch_size,
                              max_new_tokens=max_new_tokens, stop_at_newline=newline_cut, prompt_mode=prompt_mode,
-                             predictions_out=predictions_out, tokenizer_dir=tokenizer_dir)
+                             predictions_out=predictions_out, tokenizer_dir=tokenizer_dir, chat_template=chat_template)
     if as_json:
         click.echo(json.dumps(res.summary()))
     else:
@@ -308,48 +306,40 @@ def tracking_sync(run_dirs, tracking_uri):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Dotted override, e.g. --set train.lr=1e-4 (repeatable).")
 @click.option("--resume", type=click.Choice(["auto", "none"]), default="none", help="auto: continue from the latest checkpoint.")
 @click.option("--master-port", type=int, default=None, help="Rendezvous port (default: a free one).")
-def train(config, ds_config, nproc, overrides, resume, master_port):
-    """Train CONFIG on this node: runs cat_ds/train.py under torchrun with N processes."""
+@click.option("--modes", default=None, help="base,cat: run the recipe in each mode (cat.enabled false/true) into "
+              "OUTPUT_DIR/<mode>_s<seed>, then print the compare table.")
+@click.option("--seeds", default=None, help="0,1,2: one run per seed (and mode); with --modes or alone.")
+def train(config, ds_config, nproc, overrides, resume, master_port, modes, seeds):
+    """Train CONFIG on this node: one rank runs cat_ds/train.py directly, more run under torchrun.
+    With --modes/--seeds, one run after another for each seed x mode (a sweep through the engine)."""
     import os
-    import socket
-    import subprocess
     import sys
 
-    import shutil
-
     from cat_ds.config import ConfigError, load_config
-    from cat_ds.engine.preflight import check
+    from cat_ds.launch import launch, matrix
 
-    if nproc is None:
-        nproc = 1
-        if shutil.which("nvidia-smi"):  # importing torch just to count no GPUs costs ~2 s
-            import torch
-
-            nproc = max(1, torch.cuda.device_count())
-    try:  # fail here, in one process, before launching anything
-        check(load_config(config, list(overrides)), ds_config, nproc, resume)
-    except ConfigError as e:
+    echo = lambda m: click.echo(m, err=True)  # noqa: E731
+    try:  # the config is checked here, in one process, before anything starts
+        if modes is None and seeds is None:
+            sys.exit(launch(config, ds_config, nproc, overrides, resume, master_port, echo=echo))
+        cfg = load_config(config, list(overrides))
+        mode_list = modes.split(",") if modes else ["cat" if cfg.cat.enabled else "base"]
+        seed_list = [int(s) for s in seeds.split(",")] if seeds else [cfg.train.seed]
+        runs = matrix(cfg.output_dir, mode_list, seed_list)
+        for i, (name, sets) in enumerate(runs, 1):
+            click.echo(f"[cat-ds] run {i}/{len(runs)}: {name}", err=True)
+            rc = launch(config, ds_config, nproc, [*overrides, *sets], resume, master_port, echo=echo)
+            if rc != 0:
+                raise click.ClickException(f"run {name} failed (exit {rc}); the runs after it were not started")
+    except (ConfigError, ValueError) as e:
         raise click.ClickException(f"config error: {e}") from None
-    if master_port is None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            master_port = s.getsockname()[1]
-    from cat_ds.engine.preflight import threads_per_rank
+    from cat_ds.tracking.compare import compare as run_compare
+    from cat_ds.tracking.mlflow_logger import resolve_tracking_uri
 
-    env = {**os.environ}
-    env.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))  # torchrun would give each rank 1
-    if nproc == 1:  # one rank needs no rendezvous agent: skipping torchrun saves its start-up (~2.5 s)
-        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(master_port))
-        cmd = [sys.executable, "-m", "cat_ds.train"]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(master_port), "-m", "cat_ds.train"]
-    cmd += ["--config", config, "--ds_config", ds_config, "--resume", resume]
-    if overrides:
-        cmd += ["--set", *overrides]
-    click.echo("+ " + " ".join(cmd), err=True)
-    sys.exit(subprocess.call(cmd, env=env))
+    uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
+        resolve_tracking_uri(cfg.tracking.store_root or Path(cfg.output_dir) / "mlflow")
+    if cfg.tracking.mlflow:
+        click.echo(run_compare(uri, experiments=[cfg.tracking.experiment], out_dir=Path(cfg.output_dir) / "compare"))
 
 
 @main.group()

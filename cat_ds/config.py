@@ -1,6 +1,6 @@
 """Typed run configuration: YAML -> dataclasses, strict, validated before any model loads.
 
-    cfg = load_config("configs/stg_tiny_cat.yaml", overrides=["train.lr=1e-4", "cat.heads=4"])
+    cfg = load_config("configs/stg_tiny.yaml", overrides=["train.lr=1e-4", "cat.heads=4"])
 
 Unknown keys and wrong types raise `ConfigError` naming the file, the line (where YAML
 knows it) and the dotted key. `--set key=value` values are parsed as YAML scalars and then
@@ -43,6 +43,7 @@ class DataConfig:
     max_length: int = 256
     cache_dir: str | None = None  # tokenised cache; default OUTPUT_DIR/.cache
     generate_stg: bool = True  # a missing data/stg_* dir is generated (see engine.data.ensure_stg)
+    chat_template: bool = False  # render input/target as the model's user/assistant turns (data/chat.py)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Entry point that the launchers run on every rank; it only parses arguments and calls the engine.
 
-    deepspeed --num_gpus 2 cat_ds/train.py --ds_config ds_configs/zero3.json --config configs/stg_tiny_cat.yaml
-    torchrun --nproc_per_node 2 -m cat_ds.train --config configs/stg_tiny_cat.yaml [--set train.lr=1e-4] [--resume auto]
+    deepspeed --num_gpus 2 cat_ds/train.py --ds_config ds_configs/zero3.json --config configs/stg_tiny.yaml
+    torchrun --nproc_per_node 2 -m cat_ds.train --config configs/stg_tiny.yaml [--set train.lr=1e-4] [--resume auto]
 
 Exit codes: 0 finished or stopped cleanly by SIGTERM/SIGUSR1 (a checkpoint was saved),
 2 configuration error (found before any model is loaded), 1 anything else.

@@ -27,11 +27,10 @@ def test_consistent_twins_follow_the_training_rule(shortcut):
 def test_report_on_a_tiny_model(shortcut, tmp_path, capsys):
     from cat_ds.data.records import CatRecord, load_records
     from cat_ds.data.stg import write_stg
-    from cat_ds.data.tokenizers import load_tokenizer
-    from cat_ds.demo import train_stg_tokenizer
+    from cat_ds.data.tokenizers import load_tokenizer, train_tokenizer
 
     write_stg(tmp_path / "data", task="stg", train_size="S", seed=0)
-    train_stg_tokenizer(tmp_path / "data", tmp_path / "tok", tmp_path / "numbers.txt", 512)
+    train_tokenizer([tmp_path / "data" / "train.jsonl", tmp_path / "data" / "test_ood.jsonl"], "bpe", 512, tmp_path / "tok")
     tok = load_tokenizer(tmp_path / "tok")
     model = tiny_model(vocab_size=len(tok), hidden=32, heads=2, gqa=False)
     model.save_pretrained(tmp_path / "model")

@@ -1,6 +1,8 @@
-"""`cat-ds demo --quick`: the README's main job, end to end through the real engine."""
+"""`cat-ds demo --quick`: the README's main job, end to end on the real SmolLM2 through the engine."""
 
+import os
 import subprocess
+import time
 
 import mlflow
 import pytest
@@ -9,65 +11,93 @@ from conftest import VENV_BIN
 
 
 @pytest.mark.slow
-def test_demo_quick_logs_both_modes_and_compares(tmp_path):
+def test_demo_quick_fine_tunes_smollm2_logs_both_modes_and_compares(tmp_path, smol_cache):
     out = tmp_path / "demo"
+    env = {**os.environ, "CAT_DS_MODEL_CACHE": str(smol_cache)}
     p = subprocess.run([str(VENV_BIN / "cat-ds"), "demo", "--quick", "--out", str(out)],
-                       capture_output=True, text=True, timeout=900)
+                       capture_output=True, text=True, timeout=900, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "fine-tuning smollm2-135m-instruct" in p.stdout
     assert "| stg | eval/ood/accuracy |" in p.stdout and "CAT − base" in p.stdout
     assert (out / "compare" / "compare.md").read_text().strip() in p.stdout
-    assert (out / "compare" / "compare.png").stat().st_size > 1000
-    # Progress is visible while the engine runs: the trainer's step lines reach the console.
-    assert "    step 8/8 (100%) loss" in p.stdout and p.stdout.count("    step 12/12 (100%) loss") == 2, p.stdout[-3000:]
-    # Each run's log is its raw output: progress-bar frames keep their "\r" instead of becoming a line each.
-    with open(out / "runs" / "pretrain_quick.log", newline="") as fh:
-        raw = fh.read()
-    assert "[cat-ds] step 8/8 " in raw and "\r" in raw
+    # The masks are shown with the model's own tokenizer (SmolLM2's 49,152-token BPE).
+    assert f"--tokenizer {smol_cache}" in p.stdout
+    # Progress comes from the runs' metrics while they train: step counts, then an ETA.
+    assert "step 1/12" in p.stdout and "demo ETA" in p.stdout, p.stdout[-3000:]
+    for mode in ("base", "cat"):
+        assert f"{mode} seed 0: done in" in p.stdout
+        assert "[cat-ds] step 12/12 " in (out / "runs" / f"stg_M_quick_{mode}_s0.log").read_text()
 
     client = mlflow.MlflowClient(f"sqlite:///{out / 'runs' / 'mlflow' / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("cat-ds-demo")
-    runs = client.search_runs([exp.experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("cat-ds-demo-quick").experiment_id])
     assert sorted(r.data.tags.get("mode") for r in runs) == ["base", "cat"]
     for r in runs:
         assert r.info.status == "FINISHED"
+        assert r.data.params["model.name_or_path"] == "smollm2-135m-instruct"
         for k in ("eval/iid/accuracy", "eval/ood/accuracy"):
             assert 0.0 <= r.data.metrics[k] <= 1.0, (k, r.data.metrics)
-        assert r.data.metrics["eval/iid/n"] == 40
+        assert r.data.metrics["eval/iid/n"] == 50
 
-    # The labels stay whole tokens: a tokenizer fed mostly pre-training text split " Low" into
-    # " L" "o" "w", and CAT gained nothing from it (docs/demo_recipe.md, "Tokenizer").
-    from cat_ds.data.tokenizers import load_tokenizer
-
-    tok = load_tokenizer(out / "data" / "stg_M" / "tokenizer")
-    for label in (" Low Risk", " High Risk"):
-        assert len(tok.tokenize(label)) == 2, tok.tokenize(label)
-
-
-def test_demo_refuses_an_out_dir_from_the_earlier_tokenizer(tmp_path):
-    # An earlier demo's tokenizer split the labels; reusing it (and the models trained with it)
-    # would silently reproduce the old results: refuse, and say what to do.
-    tok = tmp_path / "demo" / "data" / "stg_M" / "tokenizer"
-    tok.mkdir(parents=True)
-    (tok / "tokenizer.json").write_text("{}")
-    p = subprocess.run([str(VENV_BIN / "cat-ds"), "demo", "--quick", "--out", str(tmp_path / "demo")],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode != 0
-    assert "earlier cat-ds demo" in p.stderr and "pass a fresh --out" in p.stderr, p.stderr[-2000:]
+    # A second demo in the same --out reuses the finished runs instead of training them again.
+    t0 = time.time()
+    p2 = subprocess.run([str(VENV_BIN / "cat-ds"), "demo", "--quick", "--out", str(out)],
+                        capture_output=True, text=True, timeout=300, env=env)
+    assert p2.returncode == 0, p2.stdout[-3000:] + p2.stderr[-3000:]
+    assert p2.stdout.count("finished earlier, reusing") == 2 and "| stg | eval/ood/accuracy |" in p2.stdout
+    assert time.time() - t0 < 120
 
 
 def test_a_failed_run_names_its_log_and_shows_its_tail(tmp_path, capsys):
-    # A run that fails must stop the demo with the log's last lines, not a bare exit code.
+    # A run that fails inside its rank must stop the demo with the log's last lines, not a bare exit code.
     import click
 
-    from cat_ds.demo import RunProgress, run_training
+    from cat_ds.demo import RunProgress, run_one
+    from conftest import REPO
 
-    log = tmp_path / "broken.log"
+    log, missing = tmp_path / "broken.log", tmp_path / "no_such_train.jsonl"
+    sets = [f"output_dir={tmp_path / 'run'}", f"data.train={missing}", "data.eval={}", "data.generate_stg=false"]
     with pytest.raises(click.ClickException) as err:
-        run_training(tmp_path / "no_such_config.yaml", [], 1, log, RunProgress("[demo] broken"))
+        run_one(REPO / "configs" / "stg_tiny_cat.yaml", sets, log, RunProgress("[demo] broken", tmp_path / "run", 0, None))
     msg = err.value.format_message()
     assert f"last lines of {log}" in msg and "training failed (exit" in msg
-    assert "no_such_config.yaml" in log.read_text() and "no_such_config.yaml" in msg
+    assert "no_such_train.jsonl" in log.read_text() and "no_such_train.jsonl" in msg
     assert "[demo] broken ..." in capsys.readouterr().out
+
+
+def test_a_config_error_stops_the_demo_before_any_rank_starts(tmp_path):
+    import click
+
+    from cat_ds.demo import RunProgress, run_one
+    from conftest import REPO
+
+    log = tmp_path / "never.log"
+    with pytest.raises(click.ClickException) as err:
+        run_one(REPO / "configs" / "stg_tiny_cat.yaml", ["train.lr=-1"], log, RunProgress("[demo] x", tmp_path, 0, None))
+    assert "config error" in err.value.format_message() and "train.lr" in err.value.format_message()
+    assert not log.exists()
+
+
+def test_progress_reads_metrics_lines_as_they_are_written_and_projects_an_eta(tmp_path):
+    import json
+
+    from cat_ds.demo import RunProgress
+
+    prog = RunProgress("[demo] t", tmp_path, runs_after=1, eval_s=10.0)
+    prog.poll()
+    assert prog.step == 0 and prog.eta() is None  # nothing written yet: no guess
+    (tmp_path / "run.json").write_text(json.dumps({"total_steps": 10}))
+    with open(tmp_path / "metrics.jsonl", "w") as fh:
+        fh.write(json.dumps({"step": 1, "loss": 2.0}) + "\n" + json.dumps({"step": 2, "loss": 1.0}) + "\n")
+        fh.write('{"step": 3, "lo')  # half a line: read on a later poll
+    prog.poll()
+    assert (prog.step, prog.total, prog.metrics["loss"]) == (2, 10, 1.0)
+    prog.t_first, prog.t_last_step, prog.t0 = 100.0, 102.0, 90.0  # 2 s per step, 10 s to the first step
+    # this run: 8 steps x 2 s + 10 s eval; one more run: 10 s start + 10 x 2 s + 10 s eval
+    assert prog.eta() == pytest.approx(26.0 + 40.0)
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('ss": 0.5}\n' + json.dumps({"step": 10, "eval/iid/accuracy": 0.75}) + "\n")
+    prog.poll()
+    assert prog.step == 3 and prog.metrics["eval/iid/accuracy"] == 0.75
 
 
 def test_a_log_tail_shows_the_last_frame_of_each_progress_line(tmp_path):
@@ -77,21 +107,3 @@ def test_a_log_tail_shows_the_last_frame_of_each_progress_line(tmp_path):
     log.write_bytes(b"start\n\rtokenise 10%\rtokenise 100%\r\n[cat-ds] step 1/2\r\nboom: bad \xff byte\n")
     assert log_tail(log) == "start\ntokenise 100%\n[cat-ds] step 1/2\nboom: bad \ufffd byte"
     assert log_tail(log, n=2) == "[cat-ds] step 1/2\nboom: bad \ufffd byte"
-
-
-def test_demo_refuses_an_out_dir_pretrained_with_another_model_shape(tmp_path):
-    # Its fine-tuning runs would resume (--resume auto) from checkpoints of the other shape.
-    import json
-
-    from conftest import REPO
-
-    out = tmp_path / "demo"
-    export = out / "runs" / "pretrain_quick" / "export"
-    export.mkdir(parents=True)
-    (export / "config.json").write_text((REPO / "configs" / "models" / "demo_llama.json").read_text())
-    wide = REPO / "configs" / "models" / "demo_llama_wide.json"
-    p = subprocess.run([str(VENV_BIN / "cat-ds"), "demo", "--quick", "--out", str(out), "--model-config", str(wide)],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode != 0
-    assert "another model shape (hidden_size 128" in p.stderr and "pass a fresh --out" in p.stderr, p.stderr[-2000:]
-    assert json.loads(wide.read_text())["hidden_size"] == 256

@@ -1,7 +1,8 @@
 """The engine on the real SmolLM2-135M-Instruct (GQA 9/3 heads, tied embeddings), named in the
 config as `smollm2-135m-instruct`: 2 ranks of ZeRO-3 with CAT load it sharded, train, stop on
 SIGTERM with a checkpoint, resume bit-exactly, export a model whose weights are the
-uninterrupted run's and which evaluates greedily. Short inputs, a few steps (~3 min on 2 cores)."""
+uninterrupted run's and which, reloaded, predicts what the trained engine predicted. Records go
+through the model's chat template (data.chat_template). Short inputs, a few steps (~3 min on 2 cores)."""
 from __future__ import annotations
 
 import re
@@ -23,7 +24,8 @@ def runs(tmp_path_factory, stg_dir, smol_cache):
                   train={"micro_batch_size": 2, "max_steps": 4, "lr": 1e-4, "export": True},
                   cat={"enabled": True, "heads": "all"},
                   eval={"limit": 4, "batch_size": 4, "probe_size": 0},
-                  data={"train": str(stg_dir / "train.jsonl"), "max_length": 96, "cache_dir": str(tmp / "cache"),
+                  data={"train": str(stg_dir / "train.jsonl"), "max_length": 128, "cache_dir": str(tmp / "cache"),
+                        "chat_template": True,
                         "eval": {"iid": str(stg_dir / "test_iid.jsonl")}})
     env = {"CAT_DS_MODEL_CACHE": str(smol_cache)}
     ref_cfg = write_config(tmp, "ref", **common)
@@ -66,3 +68,21 @@ def test_export_equals_the_uninterrupted_run_and_evaluates(runs):
         torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=0, atol=0)
     final = [r for r in metrics(tmp / "ref") if "eval/iid/accuracy" in r]
     assert final and 0.0 <= final[-1]["eval/iid/accuracy"] <= 1.0
+
+
+def test_the_exported_model_predicts_what_the_trained_engine_predicted(runs, tmp_path, stg_dir):
+    # Reloaded from export/, evaluated standalone (`cat-ds eval --chat-template`), the model gives the
+    # in-engine evaluation's predictions, token for token, on the same records.
+    import json
+
+    from cat_ds.evaluation.standalone import evaluate_model_dir
+
+    tmp, _, _ = runs
+    (engine_preds,) = (tmp / "ref" / "eval").glob("step_*/iid.jsonl")
+    engine = [json.loads(line) for line in engine_preds.read_text().splitlines()]
+    data = tmp_path / "iid4.jsonl"  # eval.limit 4: the first 4 records, as written (not yet templated)
+    data.write_text("".join((stg_dir / "test_iid.jsonl").read_text().splitlines(keepends=True)[:4]))
+    assert engine[0]["input"].startswith("<|im_start|>")  # the engine evaluated templated prompts
+    res = evaluate_model_dir(tmp / "ref" / "export", [str(data)], batch_size=4, chat_template=True)
+    assert [p.prediction for p in res.predictions] == [p["prediction"] for p in engine]
+    assert len(engine) == 4

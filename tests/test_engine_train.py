@@ -118,31 +118,6 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, stg_dir, tok_dir):
     assert 3 <= step < 50 and len(metrics(tmp_path / "term")) == step
 
 
-def test_two_ranks_replay_as_one_plain_pytorch_process(tmp_path, stg_dir, tok_dir, capsys):
-    # bench/engine_replay.py: ZeRO-3 over 2 ranks (warm-up schedule, clipping, AdamW) must be the
-    # computation of one plain PyTorch loop fed the same batches at the logged learning rates.
-    import json
-
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from conftest import load_bench_script
-    from engine_helpers import TINY_MODEL
-
-    init = tmp_path / "init"
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_MODEL)).save_pretrained(init)
-    cfg = write_config(tmp_path, "lm", stg_dir=stg_dir, tokenizer_dir=tok_dir,
-                       model={"config": None, "name_or_path": str(init)}, cat={"enabled": False},
-                       train={"max_steps": 6, "warmup_steps": 3, "grad_clip": 0.5})
-    p = launch(cfg, 2, launcher="torchrun", ds_config="ds_configs/zero3_cosine.json")
-    assert p.returncode == 0, tail(p)
-    load_bench_script("engine_replay").main([str(tmp_path / "lm"), "--steps", "6"])
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["steps"] == 6 and summary["world"] == 2
-    assert summary["max_rel_diff"] < 1e-4, summary  # measured ~1e-5 on the wide demo model (fp32 sums)
-
-
 def test_cli_one_rank_runs_without_torchrun(reference, stg_dir, tok_dir):
     """`cat-ds train --nproc 1` starts the rank itself (no torchrun agent to start first, and
     the rank picks its threads from the cores); it trains what the 2-rank reference trains."""
@@ -160,3 +135,27 @@ def test_cli_one_rank_runs_without_torchrun(reference, stg_dir, tok_dir):
     launched = next(line for line in p.stderr.splitlines() if line.startswith("+ "))
     assert "-m cat_ds.train" in launched and "torch.distributed.run" not in launched
     _close(metrics(tmp / "cli1"), ref, rtol=1e-6)
+
+
+def test_cli_modes_and_seeds_run_one_recipe_both_ways_and_compare(tmp_path, stg_dir, tok_dir):
+    """`cat-ds train CONFIG --modes base,cat --seeds 0,1`: four engine runs of one YAML (base is
+    cat.enabled=false), side by side under output_dir, one MLflow store, then the compare table."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg = write_config(tmp_path, "sweep", stg_dir=stg_dir, tokenizer_dir=tok_dir, train={"max_steps": 2},
+                       eval={"limit": 4, "batch_size": 4, "probe_size": 0},
+                       data={"eval": {"ood": str(stg_dir / "test_ood.jsonl")}}, tracking={"experiment": "sw"})
+    p = subprocess.run([str(Path(sys.executable).with_name("cat-ds")), "train", str(cfg), "--modes", "base,cat",
+                        "--seeds", "0,1", "--ds-config", "ds_configs/zero2.json"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = sorted(d.name for d in (tmp_path / "sweep").iterdir() if (d / "metrics.jsonl").exists())
+    assert runs == ["base_s0", "base_s1", "cat_s0", "cat_s1"]
+    assert all(r["cat_loss"] == 0 for r in metrics(tmp_path / "sweep" / "base_s0") if "loss" in r)
+    assert any(r["cat_loss"] != 0 for r in metrics(tmp_path / "sweep" / "cat_s1") if "loss" in r)
+    assert "| eval/ood/accuracy |" in p.stdout and "(n=2)" in p.stdout, p.stdout
+    bad = subprocess.run([str(Path(sys.executable).with_name("cat-ds")), "train", str(cfg), "--modes", "base,lora"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "modes: expected base and/or cat, got lora" in bad.stderr

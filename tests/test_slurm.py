@@ -86,7 +86,7 @@ def _steps_so_far(run_dir: Path) -> int:
 def full_run(slurm_cluster, workdir):  # noqa: F811
     """One uninterrupted 2-node run: test (1), and the reference for the preemption test."""
     job_id = _submit(slurm_cluster, workdir, "train_cat.sbatch", ["--nodes", "2"],
-                     ["--config", "configs/stg_tiny_cat.yaml", *TRAIN_SET, "output_dir=runs/full"])
+                     ["--config", "configs/stg_tiny.yaml", *TRAIN_SET, "output_dir=runs/full"])
     (job,) = slurm_cluster.wait(job_id, timeout=400)
     return job, _log(workdir, f"cat-ds-{job_id}.out"), workdir / "runs/full"
 
@@ -114,7 +114,7 @@ def test_preempt_usr1_checkpoints_requeues_and_resumes(slurm_cluster, workdir, f
     resumes from the checkpoint and its final metrics equal the uninterrupted run's."""
     run = workdir / "runs/preempted"
     job_id = _submit(slurm_cluster, workdir, "train_cat.sbatch", ["--nodes", "2"],
-                     ["--config", "configs/stg_tiny_cat.yaml", *TRAIN_SET, "output_dir=runs/preempted"])
+                     ["--config", "configs/stg_tiny.yaml", *TRAIN_SET, "output_dir=runs/preempted"])
     log_name = f"cat-ds-{job_id}.out"
     deadline = time.monotonic() + 300
     while True:  # signal once a few steps are done

@@ -46,26 +46,34 @@ def ensure_stg(paths: list[str], generate: bool) -> None:
         write_stg(path.parent, task=task, train_size=size, seed=0)
 
 
-def _fingerprint(files: list[Path], tokenizer, max_length: int, min_gap: int) -> str:
+def _fingerprint(files: list[Path], tokenizer, max_length: int, min_gap: int, chat_template: bool = False) -> str:
     h = hashlib.sha256()
     for f in files:
         h.update(str(f.resolve()).encode())
         h.update(hashlib.sha256(f.read_bytes()).digest())
     h.update(tokenizer.backend_tokenizer.to_str().encode())
     h.update(json.dumps([max_length, min_gap, TOKENIZE_VERSION, tokenizer.eos_token_id]).encode())
+    if chat_template:  # (absent otherwise: caches written before the option existed stay valid)
+        h.update(json.dumps(["chat", tokenizer.chat_template]).encode())
     return h.hexdigest()[:20]
 
 
-def tokenize_dataset(paths: list[str], tokenizer, *, max_length: int, min_gap: int, cache_dir: str | Path):
-    """Validated records tokenised through `datasets.map` into an Arrow file named by a hash
-    of (file contents, tokenizer, max_length, min_gap): the second run loads it."""
+def tokenize_dataset(paths: list[str], tokenizer, *, max_length: int, min_gap: int, cache_dir: str | Path,
+                     chat_template: bool = False):
+    """Validated records (rendered with the chat template if asked) tokenised through `datasets.map`
+    into an Arrow file named by a hash of (file contents, tokenizer, max_length, min_gap,
+    chat_template): the second run loads it."""
     from datasets import Dataset
 
     files = expand_paths(paths)
     records = load_records(files)
+    if chat_template:
+        from cat_ds.data.chat import render
+
+        records = render(records, tokenizer)
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    cache_file = cache / f"tokenized-{_fingerprint(files, tokenizer, max_length, min_gap)}.arrow"
+    cache_file = cache / f"tokenized-{_fingerprint(files, tokenizer, max_length, min_gap, chat_template)}.arrow"
     raw = Dataset.from_dict({"record": [json.dumps(r.to_json()) for r in records]})
 
     def fn(ex):

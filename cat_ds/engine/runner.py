@@ -77,7 +77,8 @@ def setup(cfg: Config, ds_config_path: str, info: DistInfo | None = None):
     tokenizer = load_tokenizer(cfg)
     cache = cfg.data.cache_dir or default_cache_dir(cfg.output_dir)
     dataset = _main_first(info, lambda: tokenize_dataset(cfg.data.train, tokenizer, max_length=cfg.data.max_length,
-                                                         min_gap=cfg.cat.min_gap, cache_dir=cache))
+                                                         min_gap=cfg.cat.min_gap, cache_dir=cache,
+                                                         chat_template=cfg.data.chat_template))
     from cat_ds.data.collate import CatCollator
 
     t = cfg.train
@@ -93,6 +94,9 @@ def setup(cfg: Config, ds_config_path: str, info: DistInfo | None = None):
     if info.is_main:
         Path(cfg.output_dir, "config.yaml").write_text(dump_yaml(cfg))
         Path(cfg.output_dir, "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
+        run = {"total_steps": total, "steps_per_epoch": batches.steps_per_epoch, "global_batch": batches.global_batch,
+               "world_size": info.world_size}  # what a watcher of metrics.jsonl needs for progress and ETA
+        Path(cfg.output_dir, "run.json").write_text(json.dumps(run) + "\n")
     model, hf_ds = build_model(cfg, ds, on_gpu=on_gpu, vocab_size=len(tokenizer))
     if info.is_main:  # under ZeRO-3 each rank holds ~1/world of every parameter from birth (zero.Init)
         n_all = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

@@ -79,6 +79,11 @@ class Evaluator:
         sets = {name: load_records(path)[:limit] if limit else load_records(path) for name, path in cfg.data.eval.items()}
         probe_size = getattr(ev, "probe_size", 16)
         probe = load_records(cfg.data.train) if probe_size and cfg.data.train else None
+        if getattr(cfg.data, "chat_template", False):  # prompts exactly as training renders them
+            from cat_ds.data.chat import render
+
+            sets = {name: render(recs, tokenizer) for name, recs in sets.items()}
+            probe = render(probe, tokenizer) if probe else probe
         return cls(tokenizer, sets, out_dir=cfg.output_dir, scorer=ev.scorer, batch_size=ev.batch_size,
                    max_new_tokens=ev.max_new_tokens, stop_at_newline=getattr(ev, "newline_cut", None),
                    probe_records=probe, probe_size=probe_size, max_length=cfg.data.max_length,

@@ -11,7 +11,7 @@ from cat_ds.evaluation.run import EvalResult, run_eval, write_predictions
 def evaluate_model_dir(model_dir: str | os.PathLike, data, *, scorer: str = "exact", batch_size: int = 8,
                        max_new_tokens: int | None = None, stop_at_newline: bool | None = None,
                        prompt_mode: str = "training", predictions_out: str | os.PathLike | None = None,
-                       tokenizer_dir: str | os.PathLike | None = None) -> EvalResult:
+                       tokenizer_dir: str | os.PathLike | None = None, chat_template: bool = False) -> EvalResult:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -21,6 +21,10 @@ def evaluate_model_dir(model_dir: str | os.PathLike, data, *, scorer: str = "exa
     records = load_records(data)  # validates everything first; errors name file:line:field
     tok_dir = Path(tokenizer_dir or model_dir)
     tokenizer = load_tokenizer(tok_dir)
+    if chat_template:  # a model trained with data.chat_template is asked the same way
+        from cat_ds.data.chat import render
+
+        records = render(records, tokenizer)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto").to(device)
     if getattr(model.config, "_attn_implementation", None) not in ("sdpa", "eager", "flash_attention_2"):
