@@ -6,7 +6,7 @@ Same process, same model weights, same batch for the three steps:
 - base: SDPA attention, LM loss only;
 - cat: "cat_sdpa" attention (fast-kernel output + sparse exact mass on C) + LM loss + CAT loss;
 - research: eager attention, output_attentions=True (every layer's full maps), the spec's
-  Python loop over every row of every sample on a dense mask, reimplemented from CAT_SPEC.md 4.
+  Python loop over every row of every sample on a dense mask, reimplemented from docs/METHOD.md section 3.
 Supervision: --rows supervised rows per sequence (query positions in the second half, where
 answers are), each with --cols causal columns drawn from the positions before it.
 
@@ -67,7 +67,7 @@ def dense_mask(batch: dict) -> torch.Tensor:
 
 
 def research_loss(attentions, mask: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
-    """CAT_SPEC.md 4 as the research code does it: Abar over all layers and heads, a Python loop
+    """docs/METHOD.md section 3 as the research code does it: Abar over all layers and heads, a Python loop
     over every row of every sample, div loss, divided by the non-skipped rows."""
     abar = torch.stack(attentions).mean(dim=0).mean(dim=1)  # (B, T, T)
     total, count = abar.new_zeros(()), 0

@@ -10,11 +10,14 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.cat-ds-installed
-if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt requirements.lock ]; then
   echo "[setup] .venv is up to date"
   exit 0
 fi
-pipq() { .venv/bin/python -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+# Every version comes from requirements.lock (constraints: pins without installing anything extra).
+# setuptools' "Editable installation" notice (a "!!" block) is advice for package authors, not a problem.
+export PYTHONWARNINGS="ignore:Editable installation"
+pipq() { .venv/bin/python -m pip install -q -c requirements.lock "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 pipq --upgrade pip
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   echo "[setup] NVIDIA GPU found: installing the CUDA build of torch and the gpu extra"

@@ -1,6 +1,6 @@
 """Test helpers for the Re-Attention tests: tiny models, hand-built sparse rows, and the dense
 float64 reference (eager attention, output_attentions=True, the spec's row loop over a dense
-mask). The reference is deliberately written from CAT_SPEC.md section 4, not from cat_ds code."""
+mask). The reference is deliberately written from docs/METHOD.md section 3, not from cat_ds code."""
 from __future__ import annotations
 
 import contextlib
@@ -131,7 +131,7 @@ def reference(model, batch: dict, *, alpha: float, loss_type: str, layers=None, 
 
 
 def _spec_loss(abar: torch.Tensor, mask: torch.Tensor, alpha: float, loss_type: str):
-    """CAT_SPEC section 4 steps 2-3 on a dense (B, T, T) averaged map: (loss, ratios of counted rows)."""
+    """docs/METHOD.md section 3 steps 2-3 on a dense (B, T, T) averaged map: (loss, ratios of counted rows)."""
     total, count, ratios = abar.new_zeros(()), 0, []
     for b in range(mask.shape[0]):
         for q in range(mask.shape[1]):

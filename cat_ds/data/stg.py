@@ -1,4 +1,4 @@
-"""Spurious Token Game (STG) and STG_H generators, exactly as CAT_SPEC section 5.
+"""Spurious Token Game (STG) and STG_H generators, exactly as docs/METHOD.md section 4.
 
 Deterministic from a seed: each split draws from its own `random.Random` seeded by a
 string (Python hashes str seeds with SHA-512, independent of PYTHONHASHSEED), so the same
@@ -82,7 +82,7 @@ def stg_h_record(rng: random.Random, ood: bool) -> dict:
     aqi = round((clipped + 20) / 50 * 100)  # Python round: half to even
     if ood:
         # The research code draws OOD spurious factors on different scales than training;
-        # reproduced as is (CAT_SPEC section 5).
+        # reproduced as is (docs/METHOD.md section 4).
         se1, se2, se3, se4, se5 = U(5, 9), U(2, 6), U(3, 7), U(3, 9), U(-8, -4)
     else:
         se1 = 0.4 * f6 + N(0, 2)

@@ -1,6 +1,6 @@
 """Batched greedy generation for evaluation.
 
-Two traps this module exists to avoid (measured, see PLATFORM_NOTES.md):
+Two traps this module exists to avoid (both measured on this project's machines):
 - The prompt is tokenised exactly like the training prefix before the first answer token.
   Inputs end in "Answer: "; in training that space is folded into the first answer token
   (" High"), so the prompt must end in ":" and the model generates " High Risk" itself.

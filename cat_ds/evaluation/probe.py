@@ -1,6 +1,6 @@
 """Attention diagnostics: a fixed probe set of supervised records, scored at every eval, so a
 user sees CAT move attention. Per layer l (all heads): per supervised row, mass on the causal
-columns C, a1 = mass_C/|C|, a0 = (1 - mass_C)/|N|, ratio = a1/a0 (CAT_SPEC section 4);
+columns C, a1 = mass_C/|C|, a0 = (1 - mass_C)/|N|, ratio = a1/a0 (docs/METHOD.md section 3);
 logged as the median ratio over rows: `probe/attn_ratio/layer_<l>`, and its mean over layers
 `probe/attn_ratio`. The median, not the mean: once CAT has trained, a layer can put all of a
 row's attention on C, and 1 - mass_C is then fp32 rounding noise (1e-8, even negative) that

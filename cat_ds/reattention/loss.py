@@ -1,4 +1,4 @@
-"""The Re-Attention loss (CAT_SPEC.md section 4) from per-(row, layer, head) mass on C.
+"""The Re-Attention loss (docs/METHOD.md section 3) from per-(row, layer, head) mass on C.
 
 Per supervised row: Abar = mean over the selected (layer, head) pairs of the attention
 probabilities; mass_C = sum_{k in C} Abar[q, k]; since a causal attention row sums to 1 over
