@@ -43,13 +43,14 @@ def data_stg(task, train_size, test_size, seed, classes, out_dir):
 
 @data.command("validate")
 @click.argument("files", nargs=-1, required=True)
-@click.option("--all-errors", is_flag=True, help="Report every error instead of stopping at the first.")
+@click.option("--all-errors", is_flag=True, hidden=True)  # the default now; kept so old scripts still run
 def data_validate(files, all_errors):
-    """Check CAT record files (JSONL or JSON array; globs allowed)."""
+    """Check CAT record files (JSONL or JSON array; globs allowed): every error of every file
+    (the first 20 shown, then a count), each with its file, line and field."""
     from cat_ds.data.records import RecordError, load_records
 
     try:
-        records = load_records(files, collect_errors=all_errors)
+        records = load_records(files, collect_errors=True)
     except (RecordError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     n_sup = sum(1 for r in records if r.important)
@@ -299,8 +300,10 @@ def tracking_sync(run_dirs, tracking_uri):
 
 
 @main.command(context_settings={"ignore_unknown_options": False})
-@click.argument("config", type=click.Path(exists=True, dir_okay=False))
-@click.option("--ds-config", default="ds_configs/zero3.json", show_default=True, help="DeepSpeed JSON (\"auto\" values filled).")
+@click.argument("config")
+@click.option("--ds-config", default="zero3", show_default=True,
+              help="A shipped DeepSpeed config by name (zero2, zero3, zero3_offload, zero3_cosine) or a JSON path "
+                   "(\"auto\" values are filled from the run config).")
 @click.option("--nproc", type=click.IntRange(min=1), default=None,
               help="Processes on this node. Default: number of GPUs, or 1 on CPU.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Dotted override, e.g. --set train.lr=1e-4 (repeatable).")
@@ -310,7 +313,8 @@ def tracking_sync(run_dirs, tracking_uri):
               "OUTPUT_DIR/<mode>_s<seed>, then print the compare table.")
 @click.option("--seeds", default=None, help="0,1,2: one run per seed (and mode); with --modes or alone.")
 def train(config, ds_config, nproc, overrides, resume, master_port, modes, seeds):
-    """Train CONFIG on this node: one rank runs cat_ds/train.py directly, more run under torchrun.
+    """Train CONFIG (a YAML path, or a shipped recipe's name: smollm2_stg, stg_tiny, ...) on this node:
+    one rank runs cat_ds/train.py directly, more run under torchrun.
     With --modes/--seeds, one run after another for each seed x mode (a sweep through the engine)."""
     import os
     import sys

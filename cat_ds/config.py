@@ -21,6 +21,23 @@ from typing import Any, Union
 import yaml
 
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+RECIPES_DIR, DS_CONFIGS_DIR = PACKAGE_DIR / "configs", PACKAGE_DIR / "ds_configs"
+
+
+def shipped(spec: str | Path, folder: Path, suffix: str) -> Path:
+    """A path as given, or the name of a file shipped in the package (`zero3`, `smollm2_stg`)."""
+    path = Path(spec)
+    if path.exists() or len(path.parts) > 1:
+        return path
+    named = folder / (path.name if path.suffix == suffix else path.name + suffix)
+    return named if named.is_file() else path
+
+
+def shipped_names(folder: Path, suffix: str) -> str:
+    return ", ".join(sorted(p.stem for p in folder.glob(f"*{suffix}")))
+
+
 class ConfigError(ValueError):
     """A configuration problem; the message names the file and the key."""
 
@@ -42,7 +59,7 @@ class DataConfig:
     eval: dict[str, str] = field(default_factory=dict)  # name -> JSONL, e.g. {iid: ..., ood: ...}
     max_length: int = 256
     cache_dir: str | None = None  # tokenised cache; default OUTPUT_DIR/.cache
-    generate_stg: bool = True  # a missing data/stg_* dir is generated (see engine.data.ensure_stg)
+    generate_stg: bool = True  # a missing data/stg_* dir is generated (see data.stg.ensure_stg)
     chat_template: bool = False  # render input/target as the model's user/assistant turns (data/chat.py)
 
 
@@ -233,9 +250,9 @@ def _set_dotted(d: dict, key: str, value: Any) -> None:
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read, override, type-check and validate. Raises ConfigError (never loads a model)."""
-    path = Path(path)
+    path = shipped(path, RECIPES_DIR, ".yaml")
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: config file not found (shipped recipes: {shipped_names(RECIPES_DIR, '.yaml')})")
     text = path.read_text(encoding="utf-8")
     try:
         node = yaml.compose(text)
@@ -306,9 +323,9 @@ def validate(cfg: Config, src: str = "<config>", lines: dict[str, int] | None = 
 
 # ------------------------------------------------------------------ DeepSpeed config
 def load_ds_config(path: str | Path) -> dict:
-    path = Path(path)
+    path = shipped(path, DS_CONFIGS_DIR, ".json")
     if not path.is_file():
-        raise ConfigError(f"{path}: DeepSpeed config not found")
+        raise ConfigError(f"{path}: DeepSpeed config not found (shipped: {shipped_names(DS_CONFIGS_DIR, '.json')})")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:

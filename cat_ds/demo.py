@@ -16,10 +16,11 @@ from pathlib import Path
 
 import click
 
-REPO = Path(__file__).resolve().parents[1]  # configs live in the repo checkout, not the wheel
-RECIPE = REPO / "configs" / "smollm2_stg.yaml"
+from cat_ds.config import DS_CONFIGS_DIR, RECIPES_DIR
+
+RECIPE = RECIPES_DIR / "smollm2_stg.yaml"
 # ZeRO-2: on one rank it is the faster stage (no parameter gathering); BENCHMARKS.md.
-DS_CONFIG = REPO / "ds_configs" / "zero2.json"
+DS_CONFIG = DS_CONFIGS_DIR / "zero2.json"
 MODEL = "smollm2-135m-instruct"
 EXPERIMENT = "cat-ds-demo"
 # --quick: the whole path (data, model, both modes, eval, MLflow, compare) in a few minutes.

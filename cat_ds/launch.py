@@ -2,8 +2,8 @@
 
     rc = launch("configs/smollm2_stg.yaml", "ds_configs/zero2.json", overrides=["cat.enabled=true"])
 
-The config is checked here, in one process, before any rank starts (a `ConfigError` names the
-file and key). One rank runs `python -m cat_ds.train` directly (torchrun's agent would only add
+The config, the model and data it names and the port are checked here, in one process, before
+any rank starts: a `ConfigError` says which file, line or key, and what is expected. One rank runs `python -m cat_ds.train` directly (torchrun's agent would only add
 ~2.5 s of start-up); more ranks run under torchrun. Torch-free on purpose: it runs in the CLI.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from cat_ds.config import load_config
-from cat_ds.engine.preflight import check, threads_per_rank
+from cat_ds.engine.preflight import check, check_data, check_model, check_port, threads_per_rank
 
 
 MODES = {"base": False, "cat": True}  # a recipe's two modes differ in cat.enabled only
@@ -78,6 +78,9 @@ def launch(config: str | Path, ds_config: str | Path, nproc: int | None = None, 
     nproc = nproc or default_nproc()
     cfg = load_config(config, list(overrides))  # raises ConfigError
     check(cfg, str(ds_config), nproc, resume)
+    check_model(cfg)
+    check_data(cfg)
+    check_port(master_port)
     cmd, env = command(config, ds_config, nproc, overrides, resume, master_port)
     if echo:
         echo("+ " + " ".join(cmd))

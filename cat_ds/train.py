@@ -19,8 +19,8 @@ if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.pa
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="cat-ds training (run under deepspeed, torchrun, srun or plain python)")
     p.add_argument("--config", required=True, help="run config YAML (configs/*.yaml)")
-    p.add_argument("--ds_config", "--ds-config", dest="ds_config", default="ds_configs/zero3.json",
-                   help="DeepSpeed JSON; \"auto\" values are filled from the run config")
+    p.add_argument("--ds_config", "--ds-config", dest="ds_config", default="zero3",
+                   help="DeepSpeed JSON path or shipped name (zero3, zero2, ...); \"auto\" values are filled from the run config")
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="dotted override, e.g. --set train.lr=1e-4 cat.enabled=true")
     p.add_argument("--resume", choices=["auto", "none"], default="none",

@@ -47,20 +47,21 @@ def test_demo_quick_fine_tunes_smollm2_logs_both_modes_and_compares(tmp_path, sm
     assert time.time() - t0 < 120
 
 
-def test_a_failed_run_names_its_log_and_shows_its_tail(tmp_path, capsys):
+def test_a_failed_run_names_its_log_and_shows_its_tail(tmp_path, capsys, monkeypatch, stg_dir, bpe_tokenizer):
     # A run that fails inside its rank must stop the demo with the log's last lines, not a bare exit code.
     import click
 
     from cat_ds.demo import RunProgress, run_one
-    from conftest import REPO
+    from engine_helpers import write_config
 
-    log, missing = tmp_path / "broken.log", tmp_path / "no_such_train.jsonl"
-    sets = [f"output_dir={tmp_path / 'run'}", f"data.train={missing}", "data.eval={}", "data.generate_stg=false"]
+    cfg = write_config(tmp_path, "run", stg_dir=stg_dir, tokenizer_dir=bpe_tokenizer.name_or_path)
+    monkeypatch.setenv("CAT_DS_TEST_RAISE_AT", "0:1")  # rank 0 raises at step 1
+    log = tmp_path / "broken.log"
     with pytest.raises(click.ClickException) as err:
-        run_one(REPO / "configs" / "stg_tiny_cat.yaml", sets, log, RunProgress("[demo] broken", tmp_path / "run", 0, None))
+        run_one(cfg, [], log, RunProgress("[demo] broken", tmp_path / "run", 0, None))
     msg = err.value.format_message()
     assert f"last lines of {log}" in msg and "training failed (exit" in msg
-    assert "no_such_train.jsonl" in log.read_text() and "no_such_train.jsonl" in msg
+    assert "rank 0 fails at step 1" in log.read_text() and "rank 0 fails at step 1" in msg
     assert "[demo] broken ..." in capsys.readouterr().out
 
 
@@ -72,7 +73,7 @@ def test_a_config_error_stops_the_demo_before_any_rank_starts(tmp_path):
 
     log = tmp_path / "never.log"
     with pytest.raises(click.ClickException) as err:
-        run_one(REPO / "configs" / "stg_tiny_cat.yaml", ["train.lr=-1"], log, RunProgress("[demo] x", tmp_path, 0, None))
+        run_one(REPO / "configs" / "stg_tiny.yaml", ["train.lr=-1"], log, RunProgress("[demo] x", tmp_path, 0, None))
     assert "config error" in err.value.format_message() and "train.lr" in err.value.format_message()
     assert not log.exists()
 

@@ -50,9 +50,8 @@ class RecordError(ValueError):
 
     def __init__(self, errors: list[str]):
         self.errors = errors
-        more = f"\n... and {len(errors) - 1} more error(s)" if len(errors) > 1 else ""
-        shown = "\n".join(errors[:20]) if len(errors) > 1 else errors[0]
-        super().__init__(shown + (more if len(errors) > 20 else ""))
+        more = f"\n... and {len(errors) - 20} more error(s)" if len(errors) > 20 else ""
+        super().__init__("\n".join(errors[:20]) + more)
 
 
 def _type_name(v: Any) -> str:

@@ -171,3 +171,33 @@ def write_stg(
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return meta
+
+
+STG_DIR_SIZES = {"stg_s": ("stg", "S"), "stg_m": ("stg", "M"), "stg_l": ("stg", "L"), "stg_h": ("stg_h", None)}
+
+
+def generation_command(path: Path) -> str | None:
+    """The `cat-ds data stg` command that writes `path`, if it lies in a data/stg_* directory."""
+    spec = STG_DIR_SIZES.get(Path(path).parent.name)
+    if spec is None:
+        return None
+    task, size = spec
+    return f"cat-ds data stg --task {task}" + (f" --train-size {size}" if size else "") + f" --out {Path(path).parent}"
+
+
+def ensure_stg(paths: list[str], generate: bool) -> None:
+    """A missing file inside `data/stg_{s,m,l,h}/` is generated with the default seed (0),
+    exactly what `cat-ds data stg --task ... --train-size ... --seed 0 --out DIR` writes;
+    other missing files raise with that command in the message. Call on the main rank only."""
+    for p in paths:
+        path = Path(p)
+        if path.exists() or any(ch in p for ch in "*?["):
+            continue
+        cmd = generation_command(path)
+        if cmd is None:
+            raise FileNotFoundError(f"{p}: no such file")
+        task, size = STG_DIR_SIZES[path.parent.name]
+        if not generate:
+            raise FileNotFoundError(f"{p}: no such file; generate it with: {cmd}")
+        print(f"[cat-ds] {p} missing: generating it ({cmd})", flush=True)
+        write_stg(path.parent, task=task, train_size=size, seed=0)

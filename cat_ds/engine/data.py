@@ -22,30 +22,6 @@ from cat_ds.data.records import CatRecord, expand_paths, load_records
 from cat_ds.data.spans import tokenize_example
 
 TOKENIZE_VERSION = 1  # bump when spans/tokenisation semantics change (invalidates the cache)
-STG_DIR_SIZES = {"stg_s": ("stg", "S"), "stg_m": ("stg", "M"), "stg_l": ("stg", "L"), "stg_h": ("stg_h", None)}
-
-
-def ensure_stg(paths: list[str], generate: bool) -> None:
-    """A missing file inside `data/stg_{s,m,l,h}/` is generated with the default seed (0),
-    exactly what `cat-ds data stg --task ... --train-size ... --seed 0 --out DIR` writes;
-    other missing files raise with that command in the message. Call on the main rank only."""
-    from cat_ds.data.stg import write_stg
-
-    for p in paths:
-        path = Path(p)
-        if path.exists() or any(ch in p for ch in "*?["):
-            continue
-        spec = STG_DIR_SIZES.get(path.parent.name)
-        if spec is None:
-            raise FileNotFoundError(f"{p}: no such file")
-        task, size = spec
-        cmd = f"cat-ds data stg --task {task}" + (f" --train-size {size}" if size else "") + f" --out {path.parent}"
-        if not generate:
-            raise FileNotFoundError(f"{p}: no such file; generate it with: {cmd}")
-        print(f"[cat-ds] {p} missing: generating it ({cmd})", flush=True)
-        write_stg(path.parent, task=task, train_size=size, seed=0)
-
-
 def _fingerprint(files: list[Path], tokenizer, max_length: int, min_gap: int, chat_template: bool = False) -> str:
     h = hashlib.sha256()
     for f in files:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from cat_ds.config import Config, ConfigError, dump_yaml, fill_ds_config, unresolved_auto
 from cat_ds.engine import checkpoint
-from cat_ds.engine.data import StepBatches, default_cache_dir, ensure_stg, tokenize_dataset
+from cat_ds.data.stg import ensure_stg
+from cat_ds.engine.data import StepBatches, default_cache_dir, tokenize_dataset
 from cat_ds.engine.distributed import DistInfo, barrier, init_distributed
 from cat_ds.engine.loop import EvalFn, Loop
 from cat_ds.engine.model import build_model, load_model_config, load_tokenizer, model_source

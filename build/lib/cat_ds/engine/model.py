@@ -1,0 +1,95 @@
+"""Build the model and tokenizer the ZeRO-3 way.
+
+`HfDeepSpeedConfig` must exist (and stay referenced) *before* the model is created: then
+transformers builds it inside `deepspeed.zero.Init`, so `from_pretrained` streams weights
+straight into shards and a model larger than one device still loads; a random-init model
+from `model.config` is initialised by rank 0 on gathered parameters (same seed, same
+weights, whatever the world size).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from cat_ds.config import Config, ConfigError
+
+
+def model_dtype(cfg: Config, on_gpu: bool) -> torch.dtype:
+    bf16 = cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and on_gpu)
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def model_source(cfg: Config, convert: bool = False) -> str:
+    """`model.name_or_path` as a directory or hub id (cat_ds.sources); a GGUF is converted
+    (once, cached) only where convert=True: the main rank, before the others look."""
+    from cat_ds.sources import SourceError, resolve
+
+    try:
+        return resolve(cfg.model.name_or_path, convert=convert)
+    except SourceError as e:
+        raise ConfigError(f"model.name_or_path: {e}") from None
+
+
+def load_model_config(cfg: Config):
+    """The transformers config (no weights), e.g. to size ZeRO buckets before loading."""
+    from transformers import AutoConfig
+
+    from cat_ds.sources import load_error
+
+    if cfg.model.config:
+        path = Path(cfg.model.config)
+        if not path.is_file():
+            raise ConfigError(f"model.config: {path}: no such file")
+        d = json.loads(path.read_text(encoding="utf-8"))
+        if "model_type" not in d:
+            raise ConfigError(f"model.config: {path}: needs a 'model_type' (e.g. \"llama\")")
+        return AutoConfig.for_model(**d)
+    src = model_source(cfg)
+    try:
+        return AutoConfig.from_pretrained(src)
+    except OSError as e:  # a hub id that is unreachable or unknown
+        raise ConfigError(str(load_error(src, e))) from None
+
+
+def load_tokenizer(cfg: Config):
+    from cat_ds.data.tokenizers import load_tokenizer as _load
+
+    return _load(cfg.model.tokenizer or model_source(cfg))
+
+
+def build_model(cfg: Config, ds_config: dict, *, on_gpu: bool, vocab_size: int | None = None):
+    """Create the model (sharded at birth under ZeRO-3), in train mode. Returns (model, hf_ds_config);
+    keep the second alive as long as the model (transformers reads it through a weak reference)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    import cat_ds.reattention  # noqa: F401  registers the "cat_sdpa" attention implementation
+    from cat_ds.reattention import check_gradient_checkpointing
+
+    dtype = model_dtype(cfg, on_gpu)
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    hf_ds = HfDeepSpeedConfig(ds_config) if stage == 3 else None
+    torch.manual_seed(cfg.train.seed)  # random init is a function of the seed only
+    if cfg.model.config:
+        mcfg = load_model_config(cfg)
+        if vocab_size is not None and mcfg.vocab_size < vocab_size:
+            raise ConfigError(f"model.config: vocab_size {mcfg.vocab_size} < the tokenizer's {vocab_size} tokens")
+        model = AutoModelForCausalLM.from_config(mcfg, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_source(cfg), dtype=dtype)
+    model.set_attn_implementation(cfg.model.attn_implementation)
+    model.config.use_cache = False
+    if cfg.model.gradient_checkpointing:
+        # Non-reentrant: exact gradients for the side loss computed inside the block.
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.cat.enabled:
+        check_gradient_checkpointing(model)
+    model.train()  # from_pretrained returns eval mode, where checkpointing is silently off
+    return model, hf_ds
+
+
+def gradient_checkpointing_active(model) -> bool:
+    """True when some module will really checkpoint in the next forward (enabled and training)."""
+    return any(getattr(m, "gradient_checkpointing", False) and m.training for m in model.modules())

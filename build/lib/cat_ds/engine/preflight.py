@@ -1,0 +1,118 @@
+"""What the launching process checks before any rank starts. Cheap on purpose (no torch, no
+DeepSpeed, no transformers): `cat-ds train` runs it before torchrun, and every second here
+is a second before the first step."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cat_ds.config import Config, ConfigError, fill_ds_config, load_ds_config
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def check(cfg: Config, ds_config_path: str, world_size: int, resume: str | None = "auto") -> dict:
+    """Everything that can be checked without data or a model: raises ConfigError."""
+    ds = load_ds_config(ds_config_path)
+    fill_ds_config(ds, cfg, world_size=world_size, src=ds_config_path)  # batch arithmetic, fp16-on-CPU
+    latest = checkpoint_root(cfg.output_dir) / "latest"
+    if resume != "auto" and latest.exists():
+        # A fresh run would interleave its checkpoints with the old ones (and keep-last-K could
+        # then prune the new ones): refuse instead of guessing.
+        raise ConfigError(f"output_dir {cfg.output_dir} already holds checkpoints of a run ({latest}): "
+                          "continue it with --resume auto, or choose another output_dir")
+    return ds
+
+
+WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A hub id is `org/name` (one slash); anything else with a path shape is meant as a local path."""
+    return spec.startswith(("/", ".", "~")) or spec.count("/") >= 2 or spec.endswith(".gguf") or "\\" in spec
+
+
+def check_model(cfg: Config) -> None:
+    """The model (and tokenizer) a run names exist in a shape that loads, before any rank starts."""
+    from cat_ds.sources import NAMED, SourceError, named_gguf
+
+    m = cfg.model
+    expected = ("expected a Hugging Face model directory (config.json, weights, tokenizer), a .gguf file, "
+                f"one of {', '.join(NAMED)}, or a hub id (org/name)")
+    if m.config and not Path(m.config).is_file():
+        raise ConfigError(f"model.config: {m.config}: no such file (a Hugging Face config.json to build a model from)")
+    if m.tokenizer and not Path(m.tokenizer).exists() and not m.train_tokenizer and _looks_like_path(m.tokenizer):
+        raise ConfigError(f"model.tokenizer: {m.tokenizer}: no such directory")
+    spec = m.name_or_path
+    if not spec:
+        return
+    if spec in NAMED:
+        try:
+            named_gguf(spec)
+        except SourceError as e:
+            raise ConfigError(f"model.name_or_path: {e}") from None
+        return
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ConfigError(f"model.name_or_path: {spec}: a file, but not a .gguf; {expected}")
+        return  # its content is checked (magic bytes, architecture) when it is converted
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.name_or_path: {spec}: no config.json in this directory; {expected}")
+        if not any(next(path.glob(w), None) for w in WEIGHTS):
+            raise ConfigError(f"model.name_or_path: {spec}: no weights (*.safetensors or pytorch_model*.bin) "
+                              "in this directory")
+        if not m.tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
+            raise ConfigError(f"model.name_or_path: {spec}: no tokenizer in this directory (tokenizer.json, ...); "
+                              "add one or set model.tokenizer")
+        return
+    if _looks_like_path(spec):
+        raise ConfigError(f"model.name_or_path: {spec}: no such file or directory; {expected}")
+
+
+def check_data(cfg: Config, max_errors: int = 20) -> None:
+    """Every data file exists (or is an STG set the run generates) and every record is valid: all
+    errors of all files in one report, before any rank starts."""
+    from cat_ds.data.records import RecordError, expand_paths, load_records
+    from cat_ds.data.stg import generation_command
+
+    files = [("data.train", p) for p in cfg.data.train] + [(f"data.eval.{k}", p) for k, p in cfg.data.eval.items()]
+    present = []
+    for key, p in files:
+        try:
+            present += expand_paths(p)
+        except FileNotFoundError as e:
+            cmd = generation_command(Path(p))
+            if cmd is not None and cfg.data.generate_stg:
+                continue  # the main rank generates it (data.generate_stg)
+            hint = f"; generate it with: {cmd}" if cmd else ""
+            raise ConfigError(f"{key}: {e}{hint}") from None
+    try:
+        load_records(present, collect_errors=True)
+    except RecordError as e:
+        shown = "\n".join(e.errors[:max_errors])
+        more = f"\n... and {len(e.errors) - max_errors} more" if len(e.errors) > max_errors else ""
+        raise ConfigError(f"{len(e.errors)} invalid record(s):\n{shown}{more}") from None
+
+
+def check_port(port: int | None) -> None:
+    if port is None:
+        return
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise ConfigError(f"--master-port {port}: already in use on this machine; choose another or omit it") from None
+
+
+def threads_per_rank(ranks_on_node: int) -> int:
+    """CPU threads for one rank: this process's usable cores shared by the node's ranks.
+    (torchrun's default of 1 thread per rank leaves half of a 2-core machine idle on 1 rank.)"""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, ranks_on_node))

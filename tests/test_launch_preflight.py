@@ -1,0 +1,90 @@
+"""What `cat-ds train` finds before any rank starts: one short error naming the file, line or key
+(no traceback, no torch elastic report), and nothing started."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+CAT_DS = str(Path(sys.executable).with_name("cat-ds"))
+
+
+def _train(tmp_path, *, model=None, data=None, args=(), ds="ds_configs/zero3.json"):
+    cfg = {"output_dir": str(tmp_path / "run"),
+           "model": model or {"name_or_path": "smollm2-135m-instruct"},
+           "data": data or {"train": str(tmp_path / "train.jsonl")}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    p = subprocess.run([CAT_DS, "train", str(path), "--ds-config", ds, *args], capture_output=True, text=True,
+                       timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr and not (tmp_path / "run").exists(), p.stderr
+    assert len(p.stderr.strip().splitlines()) < 5, p.stderr
+    return p.stderr
+
+
+@pytest.fixture
+def good_data(tmp_path):
+    (tmp_path / "train.jsonl").write_text(json.dumps({"input": "a ", "target": "b"}) + "\n")
+
+
+def test_a_missing_model_path_is_one_line(tmp_path, good_data):
+    err = _train(tmp_path, model={"name_or_path": str(tmp_path / "no_model")})
+    assert f"model.name_or_path: {tmp_path / 'no_model'}: no such file or directory" in err
+    assert "a .gguf file" in err and "smollm2-135m-instruct" in err
+
+
+def test_a_model_directory_without_weights_or_tokenizer(tmp_path, good_data):
+    d = tmp_path / "m"
+    d.mkdir()
+    assert "no config.json in this directory" in _train(tmp_path, model={"name_or_path": str(d)})
+    (d / "config.json").write_text("{}")
+    assert "no weights" in _train(tmp_path, model={"name_or_path": str(d)})
+    (d / "model.safetensors").write_bytes(b"x")
+    assert "no tokenizer in this directory" in _train(tmp_path, model={"name_or_path": str(d)})
+
+
+def test_missing_data_and_ds_config_files(tmp_path, good_data):
+    err = _train(tmp_path, data={"train": str(tmp_path / "nope.jsonl")})
+    assert f"data.train: {tmp_path / 'nope.jsonl'}: no such file" in err
+    err = _train(tmp_path, data={"train": str(tmp_path / "train.jsonl"), "eval": {"ood": "x/ood.jsonl"}})
+    assert "data.eval.ood: x/ood.jsonl: no such file" in err
+    assert "zero9.json: DeepSpeed config not found" in _train(tmp_path, ds="ds_configs/zero9.json")
+
+
+def test_every_bad_record_of_every_file_stops_training_before_it_starts(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"input": "a", "target": "b"}\n{"input": 5, "target": "b"}\n'
+                                          '{"input": "a", "target\n')
+    (tmp_path / "iid.jsonl").write_text('{"input": "a"}\n')
+    p = subprocess.run([CAT_DS, "data", "validate", str(tmp_path / "train.jsonl"), str(tmp_path / "iid.jsonl")],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0
+    for where in ("train.jsonl:2: input: expected a string", "train.jsonl:3: invalid JSON", "iid.jsonl:1: target"):
+        assert where in p.stderr, p.stderr
+    cfg = {"output_dir": str(tmp_path / "run"), "model": {"name_or_path": "smollm2-135m-instruct"},
+           "data": {"train": str(tmp_path / "train.jsonl"), "eval": {"iid": str(tmp_path / "iid.jsonl")}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    t = subprocess.run([CAT_DS, "train", str(tmp_path / "c.yaml")], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert t.returncode != 0 and "3 invalid record(s)" in t.stderr and "iid.jsonl:1: target" in t.stderr, t.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_validate_caps_the_list_and_counts_the_rest(tmp_path):
+    (tmp_path / "many.jsonl").write_text('{"input": 1, "target": "b"}\n' * 30)
+    p = subprocess.run([CAT_DS, "data", "validate", str(tmp_path / "many.jsonl")], capture_output=True, text=True,
+                       timeout=60)
+    assert p.stderr.count("input: expected a string") == 20 and "... and 10 more error(s)" in p.stderr
+
+
+def test_a_port_in_use(tmp_path, good_data):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert f"--master-port {port}: already in use" in _train(tmp_path, args=("--master-port", str(port)))
