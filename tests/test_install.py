@@ -2,6 +2,7 @@
 is not the checkout, finds its shipped DeepSpeed configs and recipes by name."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -18,8 +19,12 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def fresh_venv(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"  # a copy: building writes build/ next to pyproject.toml
+    top = {".venv", ".git", "build", "data", "runs", "demo_out"}  # the checkout's, not the package's cat_ds/data
+    shutil.copytree(REPO, src, symlinks=True, ignore=lambda d, names: [
+        n for n in names if (Path(d) == REPO and n in top) or n == "__pycache__" or n.endswith(".egg-info")])
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp / "dist",
-                    str(REPO)], check=True, capture_output=True, timeout=300)
+                    str(src)], check=True, capture_output=True, timeout=300)
     (wheel,) = (tmp / "dist").glob("cat_ds-*.whl")
     venv = tmp / "venv"
     subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", venv], check=True, timeout=120)
