@@ -346,6 +346,26 @@ def train(config, ds_config, nproc, overrides, resume, master_port, modes, seeds
         click.echo(run_compare(uri, experiments=[cfg.tracking.experiment], out_dir=Path(cfg.output_dir) / "compare"))
 
 
+@main.command("plan")
+@click.argument("config")
+@click.option("--nodes", type=click.IntRange(min=1), default=1)
+@click.option("--gpus-per-node", type=click.IntRange(min=1), default=8)
+@click.option("--gpu-mem", "gpu_gib", type=float, default=80.0, help="GiB per GPU.")
+@click.option("--cpu-mem", "cpu_gib", type=float, default=512.0, help="GiB of host memory per node.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Dotted override, as for train.")
+def plan_cmd(config, nodes, gpus_per_node, gpu_gib, cpu_gib, overrides):
+    """Memory per GPU for CONFIG under ZeRO-2/3, with and without offload (model states from
+    DeepSpeed's estimators, plus activations and CAT's recompute), and a verdict per option."""
+    from cat_ds.config import ConfigError, load_config
+    from cat_ds.plan import plan
+
+    try:
+        cfg = load_config(config, list(overrides))
+        click.echo(plan(cfg, nodes, gpus_per_node, gpu_gib, cpu_gib))
+    except ConfigError as e:
+        raise click.ClickException(f"config error: {e}") from None
+
+
 @main.group()
 def model() -> None:
     """Model sources: convert a GGUF (or a named model) into a Hugging Face directory."""
