@@ -44,13 +44,17 @@ def data_stg(task, train_size, test_size, seed, classes, out_dir):
 @data.command("validate")
 @click.argument("files", nargs=-1, required=True)
 @click.option("--all-errors", is_flag=True, hidden=True)  # the default now; kept so old scripts still run
-def data_validate(files, all_errors):
-    """Check CAT record files (JSONL or JSON array; globs allowed): every error of every file
-    (the first 20 shown, then a count), each with its file, line and field."""
+@click.option("--column", "columns", multiple=True, metavar="FIELD=COLUMN",
+              help="Map a record field to the source's column, e.g. --column input=question (as data.columns).")
+def data_validate(files, all_errors, columns):
+    """Check record sources (JSONL, JSON array, parquet, CSV, globs, save_to_disk directories,
+    org/name:split on the hub): every error of every source (the first 20 shown, then a count),
+    each with its file and line (or row) and field."""
     from cat_ds.data.records import RecordError, load_records
 
+    mapping = dict(c.split("=", 1) for c in columns if "=" in c)
     try:
-        records = load_records(files, collect_errors=True)
+        records = load_records(files, collect_errors=True, columns=mapping)
     except (RecordError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     n_sup = sum(1 for r in records if r.important)

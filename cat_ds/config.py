@@ -55,8 +55,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: list[str] = field(default_factory=list)  # JSONL files / globs
-    eval: dict[str, str] = field(default_factory=dict)  # name -> JSONL, e.g. {iid: ..., ood: ...}
+    train: list[str] = field(default_factory=list)  # JSONL/JSON/parquet/CSV files, globs, saved datasets, org/name:split
+    eval: dict[str, str] = field(default_factory=dict)  # name -> source, e.g. {iid: ..., ood: ...}
+    columns: dict[str, str] = field(default_factory=dict)  # record field -> the source's column, e.g. {input: question}
     max_length: int = 256
     cache_dir: str | None = None  # tokenised cache; default OUTPUT_DIR/.cache
     generate_stg: bool = True  # a missing data/stg_* dir is generated (see data.stg.ensure_stg)
@@ -300,6 +301,9 @@ def validate(cfg: Config, src: str = "<config>", lines: dict[str, int] | None = 
         err("model.tokenizer", "a random-init model (model.config) needs model.tokenizer")
     if not cfg.data.train:
         err("data.train", "no training data given")
+    for k in cfg.data.columns:
+        if k not in ("input", "target", "important"):
+            err("data.columns", f"maps record fields input, target, important to column names; got {k!r}")
     for key, v, lo in [("train.micro_batch_size", t.micro_batch_size, 1), ("train.grad_accum", t.grad_accum, 1),
                        ("data.max_length", cfg.data.max_length, 2), ("train.keep_last", t.keep_last, 1),
                        ("train.epochs", t.epochs, 1), ("train.log_every", t.log_every, 1),

@@ -77,7 +77,7 @@ def supervised_rows(cfg, limit: int = 64) -> float | None:
         from cat_ds.engine.model import model_source
 
         tok = load_tokenizer(cfg.model.tokenizer or model_source(cfg, convert=True))
-        recs = load_records(cfg.data.train)[:limit]
+        recs = load_records(cfg.data.train, columns=cfg.data.columns)[:limit]
         return sum(len(tokenize_example(r, tok, cfg.data.max_length).rows) for r in recs) / max(1, len(recs))
     except Exception:  # no data yet, no tokenizer offline: the caller assumes a default
         return None

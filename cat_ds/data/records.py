@@ -126,18 +126,26 @@ def parse_record(obj: Any, where: str) -> CatRecord:
     return CatRecord(obj["input"], target, important, extra, where.rstrip(": "))
 
 
-def expand_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
-    """One path, several paths, or glob patterns -> existing files, in the given order."""
+def expand_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path | str]:
+    """One source, several, or glob patterns -> existing files (JSONL, JSON, parquet, CSV) and saved
+    dataset directories as Paths, hub datasets (`org/name:split`) as strings, in the given order."""
+    from cat_ds.data.tables import is_hub_split, is_saved_dataset
+
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    out: list[Path] = []
+    out: list[Path | str] = []
     for p in paths:
         p = str(p)
+        if not glob.has_magic(p) and is_hub_split(p):
+            out.append(p)
+            continue
         matches = sorted(glob.glob(p)) if glob.has_magic(p) else [p]
         if not matches:
             raise FileNotFoundError(f"{p}: no file matches this pattern")
         for m in matches:
-            if not Path(m).is_file():
+            if Path(m).is_dir() and not is_saved_dataset(Path(m)):
+                raise FileNotFoundError(f"{m}: a directory, but not a dataset written by save_to_disk")
+            if not Path(m).exists():
                 raise FileNotFoundError(f"{m}: no such file")
             out.append(Path(m))
     return out
@@ -172,17 +180,50 @@ def _iter_json_values(path: Path) -> Iterator[tuple[int, Any | Exception]]:
             yield lineno, ValueError(f"invalid JSON: {e.msg} (column {e.colno})")
 
 
-def load_records(paths, collect_errors: bool = False) -> list[CatRecord]:
-    """Load and validate every record of every file; raise RecordError before returning
-    anything if any record is bad (first error, or all of them with `collect_errors`)."""
+def _rows(src: Path | str) -> Iterator[tuple[str, Any, bool]]:
+    """(where, value, from a table) per row of one source."""
+    from cat_ds.data.tables import is_table, iter_rows
+
+    if is_table(src):
+        for where, row in iter_rows(src):
+            yield where, row, True
+    else:
+        for lineno, value in _iter_json_values(Path(src)):
+            yield f"{Path(src).name}:{lineno}: ", value, False
+
+
+def rename_columns(row: Any, columns: dict[str, str] | None, where: str) -> Any:
+    """`data.columns` ({input: question, target: answer, important: causal}): a source's own column
+    names mapped onto the record fields (other columns are kept as they are)."""
+    if not columns or not isinstance(row, dict):
+        return row
+    out = {k: v for k, v in row.items() if k not in columns.values()}
+    for field_name, col in columns.items():
+        if col in row:
+            out[field_name] = row[col]
+        elif field_name in ("input", "target"):
+            raise ValueError(f"{where}{col}: missing column (data.columns maps it to {field_name})")
+    return out
+
+
+def load_records(paths, collect_errors: bool = False, columns: dict[str, str] | None = None) -> list[CatRecord]:
+    """Load and validate every record of every source (see `expand_paths`); raise RecordError before
+    returning anything if any record is bad (first error, or all of them with `collect_errors`)."""
     records: list[CatRecord] = []
     errors: list[str] = []
-    for path in expand_paths(paths):
-        for lineno, value in _iter_json_values(path):
-            where = f"{path.name}:{lineno}: "
+    for src in expand_paths(paths):
+        for where, value, table in _rows(src):
             try:
                 if isinstance(value, Exception):
                     raise ValueError(f"{where}{value}")
+                value = rename_columns(value, columns, where)
+                if table:
+                    from cat_ds.data.tables import decode_important
+
+                    try:
+                        value = decode_important(value)
+                    except ValueError as e:
+                        raise ValueError(f"{where}{e}") from None
                 records.append(parse_record(value, where))
             except ValueError as e:
                 errors.append(str(e))

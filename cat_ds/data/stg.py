@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cat_ds.data.records import write_jsonl
+from cat_ds.data.tables import is_hub_split
 
 GENERATOR_VERSION = 1
 
@@ -191,7 +192,7 @@ def ensure_stg(paths: list[str], generate: bool) -> None:
     other missing files raise with that command in the message. Call on the main rank only."""
     for p in paths:
         path = Path(p)
-        if path.exists() or any(ch in p for ch in "*?["):
+        if path.exists() or any(ch in p for ch in "*?[") or is_hub_split(p):
             continue
         cmd = generation_command(path)
         if cmd is None:

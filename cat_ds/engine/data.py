@@ -22,34 +22,42 @@ from cat_ds.data.records import CatRecord, expand_paths, load_records
 from cat_ds.data.spans import tokenize_example
 
 TOKENIZE_VERSION = 1  # bump when spans/tokenisation semantics change (invalidates the cache)
-def _fingerprint(files: list[Path], tokenizer, max_length: int, min_gap: int, chat_template: bool = False) -> str:
+def _fingerprint(files: list, tokenizer, max_length: int, min_gap: int, chat_template: bool = False,
+                 columns: dict | None = None) -> str:
     h = hashlib.sha256()
     for f in files:
+        if isinstance(f, str):  # a hub dataset: its name (offline runs read the datasets cache)
+            h.update(f.encode())
+            continue
         h.update(str(f.resolve()).encode())
-        h.update(hashlib.sha256(f.read_bytes()).digest())
+        for part in sorted(f.rglob("*")) if f.is_dir() else [f]:  # a saved dataset: every file in it
+            if part.is_file():
+                h.update(hashlib.sha256(part.read_bytes()).digest())
     h.update(tokenizer.backend_tokenizer.to_str().encode())
     h.update(json.dumps([max_length, min_gap, TOKENIZE_VERSION, tokenizer.eos_token_id]).encode())
     if chat_template:  # (absent otherwise: caches written before the option existed stay valid)
         h.update(json.dumps(["chat", tokenizer.chat_template]).encode())
+    if columns:
+        h.update(json.dumps(["columns", sorted(columns.items())]).encode())
     return h.hexdigest()[:20]
 
 
 def tokenize_dataset(paths: list[str], tokenizer, *, max_length: int, min_gap: int, cache_dir: str | Path,
-                     chat_template: bool = False):
+                     chat_template: bool = False, columns: dict | None = None):
     """Validated records (rendered with the chat template if asked) tokenised through `datasets.map`
     into an Arrow file named by a hash of (file contents, tokenizer, max_length, min_gap,
     chat_template): the second run loads it."""
     from datasets import Dataset
 
     files = expand_paths(paths)
-    records = load_records(files)
+    records = load_records(files, columns=columns)
     if chat_template:
         from cat_ds.data.chat import render
 
         records = render(records, tokenizer)
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    cache_file = cache / f"tokenized-{_fingerprint(files, tokenizer, max_length, min_gap, chat_template)}.arrow"
+    cache_file = cache / f"tokenized-{_fingerprint(files, tokenizer, max_length, min_gap, chat_template, columns)}.arrow"
     raw = Dataset.from_dict({"record": [json.dumps(r.to_json()) for r in records]})
 
     def fn(ex):

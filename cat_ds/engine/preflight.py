@@ -92,7 +92,9 @@ def check_data(cfg: Config, max_errors: int = 20) -> None:
             hint = f"; generate it with: {cmd}" if cmd else ""
             raise ConfigError(f"{key}: {e}{hint}") from None
     try:
-        load_records(present, collect_errors=True)
+        load_records(present, collect_errors=True, columns=cfg.data.columns)
+    except FileNotFoundError as e:  # a hub dataset offline, a saved DatasetDict without a split
+        raise ConfigError(str(e)) from None
     except RecordError as e:
         shown = "\n".join(e.errors[:max_errors])
         more = f"\n... and {len(e.errors) - max_errors} more" if len(e.errors) > max_errors else ""

@@ -79,7 +79,8 @@ def setup(cfg: Config, ds_config_path: str, info: DistInfo | None = None):
     cache = cfg.data.cache_dir or default_cache_dir(cfg.output_dir)
     dataset = _main_first(info, lambda: tokenize_dataset(cfg.data.train, tokenizer, max_length=cfg.data.max_length,
                                                          min_gap=cfg.cat.min_gap, cache_dir=cache,
-                                                         chat_template=cfg.data.chat_template))
+                                                         chat_template=cfg.data.chat_template,
+                                                         columns=cfg.data.columns))
     from cat_ds.data.collate import CatCollator
 
     t = cfg.train

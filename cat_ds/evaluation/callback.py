@@ -76,9 +76,11 @@ class Evaluator:
             return None
         ev = cfg.eval
         limit = getattr(ev, "limit", None)
-        sets = {name: load_records(path)[:limit] if limit else load_records(path) for name, path in cfg.data.eval.items()}
+        cols = getattr(cfg.data, "columns", None)
+        sets = {name: load_records(path, columns=cols)[:limit] if limit else load_records(path, columns=cols)
+                for name, path in cfg.data.eval.items()}
         probe_size = getattr(ev, "probe_size", 16)
-        probe = load_records(cfg.data.train) if probe_size and cfg.data.train else None
+        probe = load_records(cfg.data.train, columns=cols) if probe_size and cfg.data.train else None
         if getattr(cfg.data, "chat_template", False):  # prompts exactly as training renders them
             from cat_ds.data.chat import render
 
