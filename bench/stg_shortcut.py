@@ -31,13 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from cat_ds.choices import STG_TWINS, stg_twin_value  # noqa: E402
 from cat_ds.data.records import CatRecord, load_records  # noqa: E402
 from cat_ds.data.spans import tokenize_example  # noqa: E402
 from cat_ds.data.tokenizers import load_tokenizer  # noqa: E402
 from cat_ds.evaluation import run_eval  # noqa: E402
 
 ITEM = re.compile(r"(Smoking|Weight|Exercise|Yellow fingers|Clothing size|Hormones|Certain gene|Room size): (\d+)")
-CAUSAL, TWINS = ("Smoking", "Weight", "Exercise"), ("Yellow fingers", "Clothing size", "Hormones")
+TWINS = tuple(STG_TWINS)
+CAUSAL = tuple(cause for cause, _ in STG_TWINS.values())
 GROUPS = ("causal", "twins", "rest")  # the values of token_groups: 0, 1, 2
 LABELS = ("High Risk", "Middle Risk", "Low Risk")
 KNOCKOUTS = ("none", "answer_rows", "all_rows")
@@ -58,8 +60,7 @@ def token_groups(tok, text: str) -> tuple[list[int], torch.Tensor]:
 def consistent_twins(rec: CatRecord) -> CatRecord:
     """The record with its twins rewritten the way STG's training split draws them."""
     v = {k: int(x) for k, x in ITEM.findall(rec.input)}
-    twins = {"Yellow fingers": int(1.5 * v["Smoking"]), "Clothing size": v["Weight"],
-             "Hormones": int(0.5 * v["Exercise"])}
+    twins = {twin: stg_twin_value(v[cause], f) for twin, (cause, f) in STG_TWINS.items()}
     text = rec.input
     for name, value in twins.items():
         text = re.sub(rf"{name}: \d+", f"{name}: {value}", text)

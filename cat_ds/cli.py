@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from cat_ds import __version__
+from cat_ds.choices import LOSS_TYPES, TOKENIZER_KINDS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -71,7 +72,7 @@ def data_validate(files, all_errors, columns):
 @click.option("--model", "model_name", default=None, help="Also score each record with this model: lm_loss, cat_loss, row_stats.")
 @click.option("--dtype", type=click.Choice(["float32", "float64", "bfloat16"]), default="float32")
 @click.option("--alpha", type=float, default=2.0, help="Re-Attention threshold on a1/a0.")
-@click.option("--loss-type", type=click.Choice(["div", "div2", "nll", "hinge"]), default="div")
+@click.option("--loss-type", type=click.Choice(LOSS_TYPES), default="div")
 @click.option("--heads", default="all", help="all | K (K sampled heads per layer, seeded).")
 @click.option("--layers", default="all", help="all | last N | comma-separated layer indices.")
 def data_inspect(files, tokenizer_name, max_length, min_gap, limit, as_json, model_name, dtype, alpha, loss_type, heads, layers):
@@ -147,7 +148,7 @@ def tokenizer() -> None:
 
 @tokenizer.command("train")
 @click.option("--data", "files", multiple=True, required=True, help="Training files (CAT JSONL/JSON or plain text); repeatable.")
-@click.option("--kind", type=click.Choice(["bpe", "sentencepiece"]), default="bpe",
+@click.option("--kind", type=click.Choice(TOKENIZER_KINDS), default="bpe",
               help="Byte-level BPE (GPT-2/Llama-3/Qwen family) or SentencePiece-style metaspace BPE (Llama-2/TinyLlama).")
 @click.option("--vocab-size", type=int, default=512)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))

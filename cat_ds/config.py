@@ -20,6 +20,8 @@ from typing import Any, Union
 
 import yaml
 
+from cat_ds.choices import AMPLITUDES, DTYPES, GRANULARITIES, LOSS_TYPES, NORMALIZATIONS, TOKENIZER_KINDS, uses_bf16
+
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 RECIPES_DIR, DS_CONFIGS_DIR = PACKAGE_DIR / "configs", PACKAGE_DIR / "ds_configs"
@@ -133,16 +135,15 @@ class Config:
 
 
 CHOICES = {
-    "model.train_tokenizer": (None, "bpe", "sentencepiece"),
-    "model.dtype": ("auto", "bf16", "fp32"),
-    "train.lm_normalization": ("micro", "global"),
-    "cat.loss_type": ("div", "div2", "nll", "hinge"),
-    "cat.amplitude": ("epoch", "step", "constant"),
-    "cat.normalization": ("micro", "global"),
-    "cat.granularity": ("all", "layer", "head"),
+    "model.train_tokenizer": (None, *TOKENIZER_KINDS),
+    "model.dtype": DTYPES,
+    "train.lm_normalization": NORMALIZATIONS,
+    "cat.loss_type": LOSS_TYPES,
+    "cat.amplitude": AMPLITUDES,
+    "cat.normalization": NORMALIZATIONS,
+    "cat.granularity": GRANULARITIES,
     "eval.best_mode": ("max", "min"),
 }
-AMPLITUDE_SCHEDULES = {"epoch": "exp", "step": "exp_step", "constant": "constant"}  # -> reattention.amplitude
 
 
 # ------------------------------------------------------------------ YAML with line numbers
@@ -361,7 +362,7 @@ def fill_ds_config(ds: dict, cfg: Config, *, world_size: int, total_steps: int |
                 f"{src}: {k} = {cur} disagrees with the train config ({k} = {v}: micro_batch_size "
                 f"{t.micro_batch_size} x grad_accum {t.grad_accum} x world_size {world_size} = "
                 f"{want['train_batch_size']}); set it to \"auto\" or make them agree")
-    bf16 = cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and on_gpu)
+    bf16 = uses_bf16(cfg.model.dtype, on_gpu)
     for k in ("bf16", "fp16"):
         sec = ds.get(k)
         if isinstance(sec, dict) and sec.get("enabled") == "auto":

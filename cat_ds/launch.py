@@ -17,11 +17,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from cat_ds.choices import MODES
 from cat_ds.config import load_config
 from cat_ds.engine.preflight import check, check_data, check_model, check_port, threads_per_rank
-
-
-MODES = {"base": False, "cat": True}  # a recipe's two modes differ in cat.enabled only
 
 
 def matrix(output_dir: str | Path, modes, seeds) -> list[tuple[str, list[str]]]:

@@ -165,13 +165,13 @@ def test_selection_is_deterministic_per_seed_and_step():
 
 
 def test_amplitude_schedules():
-    assert amplitude("exp", decay=1.0, epoch=0) == 1.0
-    assert amplitude("exp", decay=1.0, epoch=2) == pytest.approx(math.exp(-2))
-    assert amplitude("exp", decay=0.5, epoch=1.7) == pytest.approx(math.exp(-0.5))  # integer epoch
-    assert amplitude("exp_step", decay=1.0, step=15, steps_per_epoch=10) == pytest.approx(math.exp(-1.5))
+    assert amplitude("epoch", decay=1.0, epoch=0) == 1.0
+    assert amplitude("epoch", decay=1.0, epoch=2) == pytest.approx(math.exp(-2))
+    assert amplitude("epoch", decay=0.5, epoch=1.7) == pytest.approx(math.exp(-0.5))  # integer epoch
+    assert amplitude("step", decay=1.0, step=15, steps_per_epoch=10) == pytest.approx(math.exp(-1.5))
     assert amplitude("constant", value=0.3) == 0.3
     with pytest.raises(ValueError):
-        amplitude("exp_step", step=3)
+        amplitude("step", step=3)
     with pytest.raises(ValueError):
         amplitude("linear")
 

@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from cat_ds.choices import STG_TWINS, stg_twin_value
 from cat_ds.data.records import write_jsonl
 from cat_ds.data.tables import is_hub_split
 
@@ -46,7 +47,8 @@ def stg_record(rng: random.Random, ood: bool, classes: str = "paper") -> dict:
     if ood:  # the twins carry no information
         fingers, clothing, hormones = u(), u(), u()
     else:
-        fingers, clothing, hormones = int(1.5 * smoking), int(1 * weight), int(0.5 * exercise)
+        causes = {"Smoking": smoking, "Weight": weight, "Exercise": exercise}
+        fingers, clothing, hormones = (stg_twin_value(causes[c], f) for c, f in STG_TWINS.values())
     gene, room = u(), u()
     causal = [f"Smoking: {smoking}", f"Weight: {weight}", f"Exercise: {exercise}"]
     items = causal + [

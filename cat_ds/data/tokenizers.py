@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
-KINDS = ("bpe", "sentencepiece")
+from cat_ds.choices import TOKENIZER_KINDS as KINDS
 
 
 def _texts(files: Iterable[str | Path]) -> Iterator[str]:

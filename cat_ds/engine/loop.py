@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from cat_ds.config import AMPLITUDE_SCHEDULES, Config
+from cat_ds.config import Config
 from cat_ds.engine import checkpoint
 from cat_ds.engine.distributed import all_reduce_sum
 from cat_ds.engine.model import gradient_checkpointing_active
@@ -68,7 +68,7 @@ class Loop:
         if not c.enabled:
             return 0.0
         epoch = step // self.batches.steps_per_epoch
-        return amplitude(AMPLITUDE_SCHEDULES[c.amplitude], decay=c.decay, epoch=epoch, step=step,
+        return amplitude(c.amplitude, decay=c.decay, epoch=epoch, step=step,
                          steps_per_epoch=self.batches.steps_per_epoch)
 
     def train_step(self, step: int, stop_flag: bool) -> dict:

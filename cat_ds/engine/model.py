@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
+from cat_ds.choices import uses_bf16
 from cat_ds.config import Config, ConfigError
 
 
 def model_dtype(cfg: Config, on_gpu: bool) -> torch.dtype:
-    bf16 = cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and on_gpu)
-    return torch.bfloat16 if bf16 else torch.float32
+    return torch.bfloat16 if uses_bf16(cfg.model.dtype, on_gpu) else torch.float32
 
 
 def model_source(cfg: Config, convert: bool = False) -> str:

@@ -17,6 +17,8 @@ from typing import Sequence
 
 import torch
 
+from cat_ds.choices import attention_ratio
+
 A0_FLOOR = 1e-9  # below fp32's resolution of 1 - mass_C for |N| up to ~100
 
 
@@ -69,7 +71,7 @@ def probe_attention(model, batch: dict, prefix: str = "probe/attn_ratio") -> dic
         mass_c = ctx.mass[layer].double().sum(dim=1) / ctx.num_heads_for(layer)
         a1 = mass_c / n_c.clamp(min=1)
         a0 = ((1 - mass_c) / n_n.clamp(min=1)).clamp(min=A0_FLOOR)
-        r = float((a1[counted] / a0[counted]).median()) if bool(counted.any()) else float("nan")
+        r = float(attention_ratio(a1[counted], a0[counted]).median()) if bool(counted.any()) else float("nan")
         out[f"{prefix}/layer_{layer}"] = r
         ratios.append(r)
     out[prefix] = sum(ratios) / len(ratios)

@@ -33,10 +33,7 @@ import torch
 
 from .context import CatContext
 
-LOSS_TYPES = ("div", "div2", "nll", "hinge")
-NORMALIZATIONS = ("micro", "global")
-SCHEDULES = ("exp", "exp_step", "constant")
-GRANULARITIES = ("all", "layer", "head")
+from cat_ds.choices import AMPLITUDES, GRANULARITIES, LOSS_TYPES, NORMALIZATIONS, attention_ratio
 
 
 @dataclass
@@ -96,7 +93,7 @@ def _row_loss(a1, a0, alpha: float, loss_type: str) -> torch.Tensor:
     if loss_type == "nll":
         return -a1 / (a1 + a0)
     if loss_type == "hinge":
-        return (alpha - a1 / a0).clamp(min=0)
+        return (alpha - attention_ratio(a1, a0)).clamp(min=0)
     raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
 
@@ -124,7 +121,7 @@ def reattention_loss(ctx: CatContext, *, alpha: float = 2.0, loss_type: str = "d
         e = torch.zeros((0,), device=ctx.cat_rows.device)
         return CatLossOutput(z, e, e, e, e.bool(), e.bool(), 0)
     a1, a0, counted = row_stats(ctx, granularity)
-    active = counted[:, None] & (a1 / a0 < alpha).detach()
+    active = counted[:, None] & (attention_ratio(a1, a0) < alpha).detach()
     # Inactive rows get harmless stand-ins before the loss formula: a row whose causal mass
     # rounds to 1 has a0 == 0, and div's log1p(a0) = 0 there would make the (discarded)
     # branch's gradient NaN, which torch.where still propagates as NaN * 0.
@@ -139,20 +136,20 @@ def reattention_loss(ctx: CatContext, *, alpha: float = 2.0, loss_type: str = "d
     return CatLossOutput(loss, row_loss, a1, a0, counted, active, n)
 
 
-def amplitude(schedule: str = "exp", *, decay: float = 1.0, epoch: int = 0, step: int | None = None,
+def amplitude(schedule: str = "epoch", *, decay: float = 1.0, epoch: int = 0, step: int | None = None,
               steps_per_epoch: int | None = None, value: float = 1.0) -> float:
-    """Loss multiplier. ``exp``: exp(-decay * epoch), integer epoch from 0 (research code);
-    ``exp_step``: exp(-decay * step / steps_per_epoch), a fractional epoch per optimizer step;
-    ``constant``: ``value``."""
-    if schedule == "exp":
+    """Loss multiplier (`cat.amplitude`). ``epoch``: exp(-decay * epoch), integer epoch from 0
+    (research code); ``step``: exp(-decay * step / steps_per_epoch), a fractional epoch per
+    optimizer step; ``constant``: ``value``."""
+    if schedule == "epoch":
         return math.exp(-decay * int(epoch))
-    if schedule == "exp_step":
+    if schedule == "step":
         if step is None or not steps_per_epoch:
-            raise ValueError("amplitude 'exp_step' needs step and steps_per_epoch > 0")
+            raise ValueError("amplitude 'step' needs step and steps_per_epoch > 0")
         return math.exp(-decay * step / steps_per_epoch)
     if schedule == "constant":
         return float(value)
-    raise ValueError(f"amplitude schedule must be one of {SCHEDULES}, got {schedule!r}")
+    raise ValueError(f"amplitude schedule must be one of {AMPLITUDES}, got {schedule!r}")
 
 
 def log_stats(ctx: CatContext, out: CatLossOutput | None = None) -> dict:
@@ -167,6 +164,6 @@ def log_stats(ctx: CatContext, out: CatLossOutput | None = None) -> dict:
     a1, a0, counted = a1.detach().double().cpu(), a0.detach().double().cpu(), counted.cpu()
     qs = ctx.cat_rows[:, 1].cpu()
     stats = [[int(qs[i]), float(a1[i]), float(a0[i])] for i in range(len(qs)) if counted[i]]
-    ratio = float((a1[counted] / a0[counted]).mean()) if bool(counted.any()) else float("nan")
+    ratio = float(attention_ratio(a1[counted], a0[counted]).mean()) if bool(counted.any()) else float("nan")
     return {"row_stats": stats, "ratio": ratio, "rows": int(counted.sum()),
             "active_rows": int(active.sum()) if active is not None else None}
