@@ -82,3 +82,30 @@ def test_cli_eval_json(trained, bpe_tokenizer, tmp_path):
     bad = subprocess.run([CAT_DS, "eval", "--model", str(model_dir), "--data", str(data), "--scorer", "bleu"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "bleu" in bad.stderr
+
+
+def test_records_are_tokenised_once_per_run(trained, bpe_tokenizer, tmp_path, monkeypatch):
+    # The probe takes the run's tokenised training rows (what datasets.map cached), never the files;
+    # each eval set is tokenised at its first evaluation only, and gives the same predictions.
+    import torch
+
+    import cat_ds.evaluation.generate as generate
+    from cat_ds.data.records import parse_record
+    from cat_ds.data.spans import tokenize_example
+    from cat_ds.evaluation.probe import probe_from_examples
+
+    train = stg_records(40, seed=1)
+    rows = [tokenize_example(parse_record(r, ""), bpe_tokenizer, 256).to_dict() for r in train]
+    from_rows = probe_from_examples(rows, bpe_tokenizer.pad_token_id, limit=6)
+    from_records = probe_batch(bpe_tokenizer, train, max_length=256, limit=6)
+    assert from_rows.keys() == from_records.keys() and all(torch.equal(from_rows[k], from_records[k]) for k in from_rows)
+
+    calls = []
+    real = generate.prepare_prompts
+    monkeypatch.setattr(generate, "prepare_prompts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    iid = stg_records(8, seed=21, split="iid")
+    ev = Evaluator(bpe_tokenizer, {"iid": iid}, out_dir=tmp_path, batch_size=4, probe_examples=rows, probe_size=6)
+    first, second = ev(trained, step=1), ev(trained, step=2)
+    assert len(calls) == 1 and first.metrics == second.metrics
+    assert [p.prediction for p in first.results["iid"].predictions] == \
+        [p.prediction for p in run_eval(trained, bpe_tokenizer, iid, batch_size=4).predictions]

@@ -138,7 +138,7 @@ def train(cfg: Config, ds_config_path: str, *, resume: str | None = None, evalua
                         rank=info.rank, keep_last=1, hf_files=lambda d: loop._hf_files(d))
 
     if evaluate is None:
-        evaluate = default_evaluator(cfg, tokenizer, logger, on_best=save_best)
+        evaluate = default_evaluator(cfg, tokenizer, logger, on_best=save_best, train_examples=batches.ds)
 
     loop = Loop(cfg, engine, batches, tokenizer, info=info, total_steps=total, logger=logger, evaluate=evaluate)
     status = "failed"
@@ -157,13 +157,13 @@ def train(cfg: Config, ds_config_path: str, *, resume: str | None = None, evalua
     return status
 
 
-def default_evaluator(cfg: Config, tokenizer, logger=None, on_best=None) -> EvalFn | None:
+def default_evaluator(cfg: Config, tokenizer, logger=None, on_best=None, train_examples=None) -> EvalFn | None:
     """Greedy generation accuracy on each `data.eval` set plus the attention probe (every rank
     takes part: ZeRO-3); rank 0 writes the predictions and logs them as artifacts.
     `on_best(step, metric, value)` is called on every rank when `eval.best_metric` improves."""
     from cat_ds.evaluation import Evaluator
 
-    evaluator = Evaluator.from_config(cfg, tokenizer)
+    evaluator = Evaluator.from_config(cfg, tokenizer, train_examples)
     if evaluator is None:
         return None
 

@@ -43,6 +43,7 @@ class Evaluator:
         max_new_tokens: int | None = None,
         stop_at_newline: bool | None = None,
         probe_records: Sequence | None = None,
+        probe_examples: Sequence | None = None,
         probe_size: int = 16,
         max_length: int | None = 256,
         best_metric: str | None = None,
@@ -59,7 +60,13 @@ class Evaluator:
         self.kw = dict(scorer=scorer, batch_size=batch_size, max_new_tokens=max_new_tokens,
                        stop_at_newline=stop_at_newline)
         self.probe = None
-        if probe_records:
+        self.prepared: dict[str, tuple] = {}  # set name -> prompt ids and answer budget, tokenised once per run
+        if probe_examples is not None and probe_size:
+            from cat_ds.evaluation.probe import probe_from_examples
+
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            self.probe = probe_from_examples(probe_examples, pad, limit=probe_size)
+        elif probe_records:
             from cat_ds.evaluation.probe import probe_batch
 
             self.probe = probe_batch(tokenizer, probe_records, max_length=max_length, limit=probe_size)
@@ -68,8 +75,10 @@ class Evaluator:
         self.best_value: float | None = None
 
     @classmethod
-    def from_config(cls, cfg, tokenizer) -> "Evaluator | None":
-        """From a `cat_ds.config.Config`; None when `data.eval` names no set."""
+    def from_config(cls, cfg, tokenizer, train_examples: Sequence | None = None) -> "Evaluator | None":
+        """From a `cat_ds.config.Config`; None when `data.eval` names no set. `train_examples`: the
+        run's tokenised training set, whose first supervised rows make the probe batch (nothing is
+        read or tokenised again); without it, the probe tokenises the training records itself."""
         from cat_ds.data.records import load_records
 
         if not cfg.data.eval:
@@ -80,7 +89,9 @@ class Evaluator:
         sets = {name: load_records(path, columns=cols)[:limit] if limit else load_records(path, columns=cols)
                 for name, path in cfg.data.eval.items()}
         probe_size = getattr(ev, "probe_size", 16)
-        probe = load_records(cfg.data.train, columns=cols) if probe_size and cfg.data.train else None
+        probe = None
+        if probe_size and cfg.data.train and train_examples is None:
+            probe = load_records(cfg.data.train, columns=cols)
         if getattr(cfg.data, "chat_template", False):  # prompts exactly as training renders them
             from cat_ds.data.chat import render
 
@@ -88,7 +99,8 @@ class Evaluator:
             probe = render(probe, tokenizer) if probe else probe
         return cls(tokenizer, sets, out_dir=cfg.output_dir, scorer=ev.scorer, batch_size=ev.batch_size,
                    max_new_tokens=ev.max_new_tokens, stop_at_newline=getattr(ev, "newline_cut", None),
-                   probe_records=probe, probe_size=probe_size, max_length=cfg.data.max_length,
+                   probe_records=probe, probe_examples=train_examples, probe_size=probe_size,
+                   max_length=cfg.data.max_length,
                    best_metric=getattr(ev, "best_metric", None), best_mode=getattr(ev, "best_mode", "max"))
 
     def __call__(self, model, step: int, *, rank: int | None = None, world_size: int | None = None) -> EvalOutput:
@@ -100,7 +112,12 @@ class Evaluator:
         results: dict[str, EvalResult] = {}
         files: list[Path] = []
         for name, recs in self.sets.items():
-            res = run_eval(model, self.tokenizer, recs, rank=rank, world_size=world_size, **self.kw)
+            if name not in self.prepared:
+                from cat_ds.evaluation.generate import prepare_prompts
+
+                self.prepared[name] = prepare_prompts(self.tokenizer, [(_get(r, "input"), _get(r, "target")) for r in recs])
+            res = run_eval(model, self.tokenizer, recs, rank=rank, world_size=world_size, prepared=self.prepared[name],
+                           **self.kw)
             results[name] = res
             metrics[f"eval/{name}/accuracy"] = res.accuracy
             metrics[f"eval/{name}/n"] = res.n
@@ -125,3 +142,7 @@ class Evaluator:
         if better:
             self.best_value = v
         return better
+
+
+def _get(r, name: str) -> str:
+    return str(getattr(r, name)) if hasattr(r, name) else str(r[name])

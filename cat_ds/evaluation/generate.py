@@ -45,18 +45,26 @@ def prompt_ids(tokenizer, input_text: str, target: str | None = None, mode: str 
     return ex.input_ids[: ex.answer_start]
 
 
-def default_max_new_tokens(tokenizer, records: Sequence[tuple[str, str]], margin: int = 4) -> int:
-    """Longest answer in tokens as training sees it (EOS included), plus a small margin.
-    Anything longer than the longest target cannot be scored correct by an exact scorer, so
-    a bigger budget only costs time."""
+def prepare_prompts(tokenizer, records: Sequence[tuple[str, str]], mode: str = "training",
+                    margin: int = 4) -> tuple[list[list[int]], int]:
+    """(prompt ids per record, default max_new_tokens), from ONE training tokenisation per record:
+    the prompt is the training prefix (see `prompt_ids`; `raw` tokenises the input as is), and the
+    budget is the longest answer as training sees it (EOS included) plus a small margin: anything
+    longer cannot be scored correct by an exact scorer, so a bigger budget only costs time."""
     from cat_ds.data.records import CatRecord
     from cat_ds.data.spans import tokenize_example
 
-    longest = 1
+    prompts, longest = [], 1
     for inp, tgt in records:
         ex = tokenize_example(CatRecord(inp, str(tgt), None), tokenizer)
         longest = max(longest, len(ex.input_ids) - ex.answer_start)
-    return longest + margin
+        prompts.append(ex.input_ids[: ex.answer_start] if mode == "training" else prompt_ids(tokenizer, inp, tgt, mode))
+    return prompts, longest + margin
+
+
+def default_max_new_tokens(tokenizer, records: Sequence[tuple[str, str]], margin: int = 4) -> int:
+    """The default generation budget of `prepare_prompts`."""
+    return prepare_prompts(tokenizer, records, margin=margin)[1]
 
 
 def _pad_id(tokenizer) -> int:

@@ -22,6 +22,21 @@ from cat_ds.choices import attention_ratio
 A0_FLOOR = 1e-9  # below fp32's resolution of 1 - mass_C for |N| up to ~100
 
 
+def probe_from_examples(examples, pad_id: int, limit: int = 16) -> dict | None:
+    """Collate the first `limit` already tokenised training examples (the engine's cached
+    `datasets.map` rows, or TokenizedExamples) that have causal rows; None if none has any."""
+    from cat_ds.data.collate import CatCollator
+
+    picked = []
+    for ex in examples:
+        rows = ex.rows if hasattr(ex, "rows") else ex["cat_q"]
+        if len(rows):
+            picked.append(ex)
+        if len(picked) >= limit:
+            break
+    return CatCollator(pad_id)(picked) if picked else None
+
+
 def probe_batch(tokenizer, records: Sequence, max_length: int | None = 256, limit: int = 16) -> dict | None:
     """Collate the first `limit` records that have causal rows; None if none has any."""
     from cat_ds.data.collate import CatCollator

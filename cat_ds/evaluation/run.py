@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from cat_ds.evaluation.generate import default_max_new_tokens, generate_batch, prompt_ids
+from cat_ds.evaluation.generate import generate_batch, prepare_prompts
 from cat_ds.evaluation.scorers import get_scorer
 
 
@@ -69,29 +69,32 @@ def run_eval(
     rank: int | None = None,
     world_size: int | None = None,
     prompt_mode: str = "training",
+    prepared: tuple[list[list[int]], int] | None = None,
 ) -> EvalResult:
     """Greedy-generate a continuation for every record (`CatRecord` or dict with `input` and
     `target`) and score it. Call it on *every* rank when distributed.
 
-    `max_new_tokens=None`: derived from the targets (`default_max_new_tokens`).
+    `max_new_tokens=None`: derived from the targets (`prepare_prompts`).
     `stop_at_newline=None`: on unless a target contains a newline or the scorer is gsm8k
     (whose reasoning spans lines). `synced_gpus=None`: on when world_size > 1.
-    `prompt_mode`: "training" (prompt ids = training prefix) or "raw" (see `prompt_ids`)."""
+    `prompt_mode`: "training" (prompt ids = training prefix) or "raw" (see `prompt_ids`).
+    `prepared`: `prepare_prompts`'s result for these records, so repeated evaluations (every
+    `eval.every` steps) tokenise them once."""
     if not records:
         raise ValueError("run_eval: no records to evaluate")
     rank, world_size, _ = _dist_info(rank, world_size)
     score = get_scorer(scorer)
     inputs = [_field(r, "input") for r in records]
     targets = [_field(r, "target") for r in records]
+    prompts, budget = prepared or prepare_prompts(tokenizer, list(zip(inputs, targets)), prompt_mode)
     if max_new_tokens is None:
-        max_new_tokens = default_max_new_tokens(tokenizer, list(zip(inputs, targets)))
+        max_new_tokens = budget
     if stop_at_newline is None:
         stop_at_newline = scorer != "gsm8k" and not any("\n" in t for t in targets)
     if synced_gpus is None:
         synced_gpus = world_size > 1
 
     n = len(records)
-    prompts = [prompt_ids(tokenizer, x, t, prompt_mode) for x, t in zip(inputs, targets)]
     mine = list(range(rank, n, world_size))
     per_rank = -(-n // world_size)
     mine += [-1] * (per_rank - len(mine))  # -1: padding, generated (for ZeRO-3) and dropped
