@@ -9,6 +9,7 @@ any rank starts: a `ConfigError` says which file, line or key, and what is expec
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -83,7 +84,13 @@ def launch(config: str | Path, ds_config: str | Path, nproc: int | None = None, 
     if echo:
         echo("+ " + " ".join(cmd))
     if log is None:
-        return subprocess.call(cmd, env=env)
+        if nproc == 1:
+            return subprocess.call(cmd, env=env)
+        with subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace") as proc:
+            first = RankErrors(sys.stderr).feed_all(proc.stderr)
+        if proc.returncode != 0 and first:
+            sys.stderr.write(f"cat-ds: {first}\n")
+        return proc.returncode
     with open(log, "w") as fh, subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env) as proc:
         while proc.poll() is None:
             if poll:
@@ -91,3 +98,48 @@ def launch(config: str | Path, ds_config: str | Path, nproc: int | None = None, 
             time.sleep(1.0)
     return proc.returncode
 
+
+class RankErrors:
+    """Passes the ranks' stderr through, except the noise after a rank fails: the first failing
+    rank's traceback is shown once; the other ranks' consequential errors (a peer reset the
+    connection) become one line each, and torchrun's own logs and ChildFailedError report are
+    dropped. Until a rank fails, everything passes through unchanged."""
+
+    FATAL = re.compile(r"^\[rank (\d+)\] fatal: ")
+    AGENT_LOG = re.compile(r"^[WEI]\d{4} \d")  # torch elastic's glog-style lines
+
+    def __init__(self, out):
+        self.out, self.first, self.block, self.rest = out, None, None, False
+
+    def feed(self, line: str) -> None:
+        m = self.FATAL.match(line)
+        if m:
+            self.block = m[1]
+            if self.first is None:
+                self.first = f"rank {m[1]} failed"
+                self.out.write(line)
+            else:
+                self.out.write(f"[rank {m[1]}] stopped: rank {self.first.split()[1]} failed first\n")
+            return
+        if self.block is not None:  # inside a rank's traceback; its last line is the exception
+            if self.first.startswith(f"rank {self.block} ") and self.first.endswith("failed"):
+                self.out.write(line)
+                if line[:1] not in (" ", "\t") and not line.startswith("Traceback") and line.strip():
+                    self.first += f": {line.strip()}"
+                    self.block = None
+            elif line[:1] not in (" ", "\t") and not line.startswith("Traceback") and line.strip():
+                self.block = None
+            return
+        if self.first is None:
+            self.out.write(line)
+        elif not (self.rest or self.AGENT_LOG.match(line)):
+            if line.startswith("Traceback"):  # torchrun's ChildFailedError: the rest is its report
+                self.rest = True
+            else:
+                self.out.write(line)
+        self.out.flush()
+
+    def feed_all(self, stream) -> str | None:
+        for line in stream:
+            self.feed(line)
+        return self.first

@@ -159,3 +159,22 @@ def test_cli_modes_and_seeds_run_one_recipe_both_ways_and_compare(tmp_path, stg_
     bad = subprocess.run([str(Path(sys.executable).with_name("cat-ds")), "train", str(cfg), "--modes", "base,lora"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "modes: expected base and/or cat, got lora" in bad.stderr
+
+
+def test_cli_shows_the_first_failing_ranks_error_once(tmp_path, stg_dir, tok_dir):
+    """2 ranks under torchrun, rank 1 raises: its traceback once, the other rank's consequential
+    error as one line, no torch elastic report, and the root cause as the last line."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg = write_config(tmp_path, "f", stg_dir=stg_dir, tokenizer_dir=tok_dir, train={"max_steps": 20})
+    p = subprocess.run([str(Path(sys.executable).with_name("cat-ds")), "train", str(cfg), "--nproc", "2",
+                        "--ds-config", "zero2"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "CAT_DS_TEST_RAISE_AT": "1:1"})
+    assert p.returncode != 0
+    err = p.stderr
+    assert err.count("RuntimeError: CAT_DS_TEST_RAISE_AT: rank 1 fails at step 1") == 2, err  # traceback + summary
+    assert err.strip().splitlines()[-1] == "cat-ds: rank 1 failed: RuntimeError: CAT_DS_TEST_RAISE_AT: rank 1 fails at step 1"
+    assert "ChildFailedError" not in err and "Connection reset" not in err  # rank 0 may print "[rank 0] stopped"
