@@ -45,6 +45,15 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraSettings:
+    """`model.lora`: train low-rank adapters (peft) instead of every weight; absent = full fine-tuning."""
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str | None = None  # Hugging Face name or local dir (pretrained weights)
     config: str | None = None  # config JSON for a random-init model (tests, demo, benchmarks)
@@ -53,6 +62,7 @@ class ModelConfig:
     attn_implementation: str = "cat_sdpa"  # base and CAT use the same kernel: a fair comparison
     gradient_checkpointing: bool = False  # always non-reentrant (reentrant drops CAT gradients)
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU; or bf16 | fp32
+    lora: LoraSettings | None = None  # adapters on these modules (peft); None: full fine-tuning
 
 
 @dataclass
@@ -170,6 +180,9 @@ def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        sections = [a for a in args if dataclasses.is_dataclass(a)]
+        if sections:  # an optional section, e.g. model.lora: present (even empty) = on
+            return _build(sections[0], value or {}, where.split(": ")[0] if ": " in where else where, {}, key + ".")
         errors = []
         for a in (a for a in args if a is not type(None)):
             try:
@@ -316,6 +329,18 @@ def validate(cfg: Config, src: str = "<config>", lines: dict[str, int] | None = 
                    ("eval.every", cfg.eval.every)]:
         if v < 0:
             err(key, f"must be >= 0, got {v}")
+    lora = cfg.model.lora
+    if lora is not None and not m.name_or_path:
+        err("model.lora", "adapters train on a pretrained base: set model.name_or_path (not model.config)")
+    if lora is not None:
+        if lora.r < 1:
+            err("model.lora.r", f"must be >= 1, got {lora.r}")
+        if lora.alpha <= 0:
+            err("model.lora.alpha", f"must be > 0, got {lora.alpha}")
+        if not 0 <= lora.dropout < 1:
+            err("model.lora.dropout", f"must be in [0, 1), got {lora.dropout}")
+        if not lora.target_modules:
+            err("model.lora.target_modules", "name at least one module (e.g. q_proj)")
     if cfg.cat.alpha <= 0:
         err("cat.alpha", f"must be > 0, got {cfg.cat.alpha}")
     if cfg.cat.enabled and m.attn_implementation != "cat_sdpa":

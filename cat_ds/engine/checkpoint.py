@@ -94,7 +94,9 @@ def save(engine, output_dir: str | Path, *, step: int, client_state: dict, rank:
         if (root / tag).exists():  # a half-written save of this step from a killed run
             shutil.rmtree(root / tag)
     barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state={"cat_ds": client_state}, save_latest=False)
+    # LoRA: only what trains (adapters + their optimizer state); the frozen base comes from the model source.
+    engine.save_checkpoint(str(root), tag=tag, client_state={"cat_ds": client_state}, save_latest=False,
+                           exclude_frozen_parameters=_frozen_part(engine))
     torch.save(rng_state(), root / tag / f"rng_rank{rank}.pt")
     if rank == 0:
         (root / tag / "client_state.json").write_text(json.dumps(client_state, indent=1) + "\n")
@@ -111,6 +113,10 @@ def save(engine, output_dir: str | Path, *, step: int, client_state: dict, rank:
     return tag
 
 
+def _frozen_part(engine) -> bool:
+    return any(not p.requires_grad for p in engine.module.parameters())
+
+
 def _prune(root: Path, keep_last: int, current: str) -> None:
     keep = set(complete_tags(root)[-keep_last:]) | {current}  # never the one `latest` points to
     for p in root.iterdir():
@@ -125,7 +131,7 @@ def load(engine, output_dir: str | Path, *, rank: int, world_size: int) -> dict 
     if tag is None:
         return None
     path, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+                                          load_lr_scheduler_states=True, load_module_strict=not _frozen_part(engine))
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
     state = client["cat_ds"]

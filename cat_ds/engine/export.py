@@ -25,6 +25,10 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, tag: str 
     unset_hf_deepspeed_config()  # an in-process training run leaves it set: it would re-shard the model
     root, tag = resolve(checkpoint_dir, tag)
     hf = root / tag / "hf"
+    if (hf / "adapter_config.json").is_file():  # a LoRA run: merged model here, the adapter in adapter/
+        from cat_ds.engine.lora import export_lora
+
+        return export_lora(root, tag, hf, Path(out_dir))
     config = AutoConfig.from_pretrained(hf)
     state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     dtype = config.dtype if isinstance(config.dtype, torch.dtype) else getattr(torch, str(config.dtype or "float32"))

@@ -154,9 +154,14 @@ class Loop:
         self._say(f"saved checkpoint step {self.step} -> {checkpoint.checkpoint_root(self.cfg.output_dir)}")
 
     def _hf_files(self, d) -> None:
-        """What export needs besides the weights: the model config (training dtype) and tokenizer."""
+        """What export needs besides the weights: the model config (training dtype), the tokenizer and,
+        with LoRA, the adapter config (which names the frozen base)."""
+        from cat_ds.engine.lora import is_peft, save_adapter_config
+
         self.engine.module.config.save_pretrained(d)
         self.tokenizer.save_pretrained(d)
+        if is_peft(self.engine.module):
+            save_adapter_config(self.engine.module, d)
 
     def run_eval(self) -> None:
         if self.evaluate is None:

@@ -81,6 +81,10 @@ def build_model(cfg: Config, ds_config: dict, *, on_gpu: bool, vocab_size: int |
         model = AutoModelForCausalLM.from_pretrained(model_source(cfg), dtype=dtype)
     model.set_attn_implementation(cfg.model.attn_implementation)
     model.config.use_cache = False
+    if cfg.model.lora is not None:
+        from cat_ds.engine.lora import apply_lora
+
+        model = apply_lora(model, cfg.model.lora, base_source=model_source(cfg))
     if cfg.model.gradient_checkpointing:
         # Non-reentrant: exact gradients for the side loss computed inside the block.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -105,6 +105,10 @@ def setup(cfg: Config, ds_config_path: str, info: DistInfo | None = None):
         n_here = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
         print(f"[cat-ds] model: {n_all:,} parameters; rank 0 holds {n_here:,} after loading "
               f"(ZeRO stage {ds.get('zero_optimization', {}).get('stage', 0)}, world {info.world_size})", flush=True)
+        if cfg.model.lora is not None:
+            n_train = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+            print(f"[cat-ds] LoRA r={cfg.model.lora.r} on {', '.join(cfg.model.lora.target_modules)}: "
+                  f"{n_train:,} trainable parameters ({100 * n_train / n_all:.2f} %)", flush=True)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=ds)
     engine._cat_ds_hf_ds = hf_ds  # keep HfDeepSpeedConfig alive as long as the engine
