@@ -3,6 +3,7 @@
 `cat-ds train` to its first step.
 
     .venv/bin/python bench/step_time.py [--config configs/smollm2_stg.yaml] [--steps 5] [--json]
+    .venv/bin/python bench/step_time.py --variants zero2x1,lora_zero2x1,zero3x1,lora_zero3x1 --per-mode --no-startup
 
 Every variant runs in a fresh process (its own threads and allocator), on the same STG batches
 (the engine's data order: optimizer step s = the same 8 records everywhere; 2 ranks take 4
@@ -36,7 +37,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 VARIANTS = {"plain": (None, 1), "zero3x1": ("ds_configs/zero3.json", 1), "zero3x2": ("ds_configs/zero3.json", 2),
-            "zero2x1": ("ds_configs/zero2.json", 1)}
+            "zero2x1": ("ds_configs/zero2.json", 1),
+            # LoRA (not in the default list): the README's setting, r 8 on the attention projections
+            "lora_zero2x1": ("ds_configs/zero2.json", 1), "lora_zero3x1": ("ds_configs/zero3.json", 1)}
+LORA = "model.lora={r: 8, alpha: 16, dropout: 0.0, target_modules: [q_proj, k_proj, v_proj, o_proj]}"
+DEFAULT_VARIANTS = "plain,zero3x1,zero3x2,zero2x1"
 
 
 def matmul_rate(n: int = 2048, reps: int = 5, bursts: int = 5) -> float:
@@ -61,9 +66,10 @@ def matmul_rate(n: int = 2048, reps: int = 5, bursts: int = 5) -> float:
 
 
 def overrides(args, mode: str, out: str, micro: int) -> list[str]:
+    lora = [LORA] if args.child and args.child.startswith("lora_") else []
     return [f"output_dir={out}", "train.save_every=0", "train.export=false", "tracking.mlflow=false",
             f"train.micro_batch_size={micro}", "train.grad_accum=1", f"cat.enabled={str(mode == 'cat').lower()}",
-            "eval.probe_size=0", *args.set]
+            "eval.probe_size=0", *lora, *args.set]
 
 
 def child(args) -> None:
@@ -119,16 +125,19 @@ def child(args) -> None:
                 torch.distributed.all_reduce(t)
             tokens.append(float(t))
     if info.is_main:
-        print("RESULT " + json.dumps({"variant": args.child, "threads": torch.get_num_threads(),
+        import resource
+
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        print("RESULT " + json.dumps({"variant": args.child, "threads": torch.get_num_threads(), "peak_rss_mb": peak_mb,
                                       "tokens": statistics.mean(tokens),
                                       **{m: statistics.median(v) for m, v in times.items()},
                                       **{f"{m}_all": [round(x, 3) for x in v] for m, v in times.items()}}), flush=True)
 
 
-def run_child(args, variant: str) -> dict:
+def run_child(args, variant: str, modes: str | None = None) -> dict:
     _, world = VARIANTS[variant]
     me = [str(Path(__file__).resolve()), "--child", variant, "--config", args.config, "--work", args.work,
-          "--steps", str(args.steps), "--warmup", str(args.warmup), "--modes", args.modes]
+          "--steps", str(args.steps), "--warmup", str(args.warmup), "--modes", modes or args.modes]
     for s in args.set:
         me += ["--set", s]
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS",)}
@@ -173,7 +182,9 @@ def startup(args) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/smollm2_stg.yaml")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    p.add_argument("--per-mode", action="store_true",
+                   help="one process per variant and mode, so peak memory is one model's (LoRA vs full)")
     p.add_argument("--modes", default="base,cat")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -202,7 +213,15 @@ def main() -> int:
     with torch.device("meta"):
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(mc).parameters())
     rate = matmul_rate()
-    rows = [run_child(args, v) for v in args.variants.split(",") if v]
+    if args.per_mode:  # merge each variant's per-mode processes into one row; peak memory per mode
+        rows = []
+        for v in (v for v in args.variants.split(",") if v):
+            parts = [run_child(args, v, m) for m in args.modes.split(",")]
+            row = {k: x for part in parts for k, x in part.items() if k != "peak_rss_mb"}
+            row.update({f"{m}_peak_rss_mb": part["peak_rss_mb"] for m, part in zip(args.modes.split(","), parts)})
+            rows.append(row)
+    else:
+        rows = [run_child(args, v) for v in args.variants.split(",") if v]
     by = {r["variant"]: r for r in rows}
     modes = args.modes.split(",")
     tokens = rows[0]["tokens"] if rows else math.nan
@@ -228,12 +247,14 @@ def main() -> int:
             r[f"{m}_mfu"] = 6 * n_params * r["tokens"] / r[m] / rate
     print(f"{res['model']}: {n_params / 1e6:.1f}M parameters, {res['tokens_per_step']:.0f} tokens/step, "
           f"matmul {rate / 1e9:.0f} GFLOP/s, FLOP limit {limit:.2f} s/step")
-    print("| variant | threads/rank | " + " | ".join(f"{m} s/step (median) | {m} tokens/s | {m} MFU" for m in modes)
-          + " |")
-    print("|---|---|" + "---|---|---|" * len(modes))
+    mem = args.per_mode
+    print("| variant | threads/rank | " + " | ".join(f"{m} s/step (median) | {m} tokens/s | {m} MFU"
+                                                    + (f" | {m} peak RSS" if mem else "") for m in modes) + " |")
+    print("|---|---|" + ("---|---|---|" + ("---|" if mem else "")) * len(modes))
     for r in rows:
         print(f"| {r['variant']} | {r['threads']} | " + " | ".join(
-            f"{r[m]:.2f} | {r[f'{m}_tokens_per_s']:.0f} | {r[f'{m}_mfu']:.0%}" for m in modes) + " |")
+            f"{r[m]:.2f} | {r[f'{m}_tokens_per_s']:.0f} | {r[f'{m}_mfu']:.0%}"
+            + (f" | {r[f'{m}_peak_rss_mb'] / 1024:.2f} GiB" if mem else "") for m in modes) + " |")
     for k in ("engine_over_plain", "engine_over_plain_base", "cat_over_base", "engine_over_flop_limit", "startup_s"):
         if k in res:
             print(f"{k}: {res[k]:.3f}")

@@ -24,7 +24,7 @@ DS_CONFIG = DS_CONFIGS_DIR / "zero2.json"
 MODEL = "smollm2-135m-instruct"
 EXPERIMENT = "cat-ds-demo"
 # --quick: the whole path (data, model, both modes, eval, MLflow, compare) in a few minutes.
-QUICK = ["train.max_steps=12", "train.warmup_steps=2", "eval.limit=50", "eval.probe_size=4"]
+QUICK = ["train.max_steps=12", "train.warmup_steps=2", "eval.limit=50", "eval.probe_size=4"]  # noqa: E501
 
 
 def prepare(out: Path, task: str, size: str) -> tuple[Path, Path]:
