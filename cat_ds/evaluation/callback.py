@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from cat_ds.evaluation.run import EvalResult, run_eval, write_predictions
+from cat_ds.evaluation.run import EvalResult, _field, run_eval, write_predictions
 
 
 @dataclass
@@ -115,7 +115,7 @@ class Evaluator:
             if name not in self.prepared:
                 from cat_ds.evaluation.generate import prepare_prompts
 
-                self.prepared[name] = prepare_prompts(self.tokenizer, [(_get(r, "input"), _get(r, "target")) for r in recs])
+                self.prepared[name] = prepare_prompts(self.tokenizer, [(_field(r, "input"), _field(r, "target")) for r in recs])
             res = run_eval(model, self.tokenizer, recs, rank=rank, world_size=world_size, prepared=self.prepared[name],
                            **self.kw)
             results[name] = res
@@ -143,6 +143,3 @@ class Evaluator:
             self.best_value = v
         return better
 
-
-def _get(r, name: str) -> str:
-    return str(getattr(r, name)) if hasattr(r, name) else str(r[name])
