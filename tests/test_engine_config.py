@@ -124,7 +124,7 @@ def test_cli_train_rejects_bad_config_before_launching(tmp_path):
 
 
 def test_fresh_run_refuses_an_output_dir_with_checkpoints(tmp_path):
-    from cat_ds.engine.runner import check
+    from cat_ds.engine.preflight import check
 
     cfg = load_config(_write(tmp_path, GOOD), [f"output_dir={tmp_path / 'run'}"])
     ds = str(REPO / "ds_configs/zero3.json")

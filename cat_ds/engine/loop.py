@@ -200,7 +200,8 @@ class Loop:
             self.logger.log_metrics(self.step, m)
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.4f}", cat=f"{m['cat_loss']:.3f}", refresh=False)
-            if bar.disable and self.step % cfg.train.log_every == 0:
+            # The last step always prints: a log's final line then says how the run ended.
+            if bar.disable and (self.step % cfg.train.log_every == 0 or self.step == self.total_steps):
                 self._say(f"step {self.step}/{self.total_steps} epoch {m['epoch']} loss {m['loss']:.4f} "
                           f"lm {m['lm_loss']:.4f} cat {m['cat_loss']:.4f} amp {m['amplitude']:.3f} lr {m['lr']:.3g} "
                           f"gnorm {m['grad_norm']:.3f} tok/s {m['tokens_per_s']:.0f}")

@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cat_ds.config import Config, ConfigError, dump_yaml, fill_ds_config, unresolved_auto
+from cat_ds.config import Config, ConfigError, dump_yaml, fill_ds_config, load_ds_config, unresolved_auto
 from cat_ds.engine import checkpoint
 from cat_ds.data.stg import ensure_stg
 from cat_ds.engine.data import StepBatches, default_cache_dir, tokenize_dataset
 from cat_ds.engine.distributed import DistInfo, barrier, init_distributed
 from cat_ds.engine.loop import EvalFn, Loop
 from cat_ds.engine.model import build_model, load_model_config, load_tokenizer, model_source
-from cat_ds.engine.preflight import check
 
 
 def _main_first(info: DistInfo, fn):
@@ -69,7 +68,9 @@ def setup(cfg: Config, ds_config_path: str, info: DistInfo | None = None):
     import torch
 
     info = info or init_distributed()
-    ds_raw = check(cfg, ds_config_path, info.world_size)  # (the fresh-run check ran before, in train.py)
+    # The checks ran before this process group existed (train.py, and the launcher before it); the
+    # one fill below, with the real step count and model width, raises the same errors for direct callers.
+    ds_raw = load_ds_config(ds_config_path)
     on_gpu = info.device.type == "cuda"
     if info.is_main:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
