@@ -43,6 +43,7 @@ def main(argv=None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"cat-ds: config error: {e}", file=sys.stderr, flush=True)
         return 2
+    from cat_ds.engine.checkpoint import CheckpointWriteError
     from cat_ds.engine.runner import train
 
     try:
@@ -50,6 +51,9 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"cat-ds: config error: {e}", file=sys.stderr, flush=True)
         os._exit(2)  # leave without waiting on peers (see engine/distributed.py)
+    except CheckpointWriteError as e:
+        print(f"cat-ds: {e}", file=sys.stderr, flush=True)
+        os._exit(1)  # the peers may wait in the save's barrier: the launcher stops them
     from cat_ds.engine.distributed import shutdown
 
     shutdown()

@@ -178,3 +178,37 @@ def test_cli_shows_the_first_failing_ranks_error_once(tmp_path, stg_dir, tok_dir
     assert err.count("RuntimeError: CAT_DS_TEST_RAISE_AT: rank 1 fails at step 1") == 2, err  # traceback + summary
     assert err.strip().splitlines()[-1] == "cat-ds: rank 1 failed: RuntimeError: CAT_DS_TEST_RAISE_AT: rank 1 fails at step 1"
     assert "ChildFailedError" not in err and "Connection reset" not in err  # rank 0 may print "[rank 0] stopped"
+
+
+def test_a_checkpoint_that_cannot_be_written_says_why_and_keeps_the_last_one(tmp_path, stg_dir, tok_dir):
+    """A real write failure (a per-file size limit, as a full disk or a quota gives): one clear line
+    naming the checkpoint and the free space, `latest` still on the previous checkpoint, which resumes."""
+    import resource
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    # No MLflow: its SQLite file would hit the same limit (it reports that and loses nothing; not this test's subject).
+    cfg = write_config(tmp_path, "full", stg_dir=stg_dir, tokenizer_dir=tok_dir, train={"max_steps": 2, "save_every": 2},
+                       tracking={"mlflow": False})
+    cli = [str(Path(sys.executable).with_name("cat-ds")), "train", str(cfg), "--nproc", "1", "--ds-config", "zero2"]
+    p = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ck = tmp_path / "full" / "checkpoints"
+    shard = max(f.stat().st_size for f in (ck / "step_00000002").rglob("*.pt"))
+
+    def limit():  # every file this run writes stays under a third of the largest shard
+        resource.setrlimit(resource.RLIMIT_FSIZE, (shard // 3, shard // 3))
+
+    p = subprocess.run([*cli, "--set", "train.max_steps=4", "--resume", "auto"], capture_output=True, text=True,
+                       timeout=300, preexec_fn=limit)
+    assert p.returncode != 0
+    last = p.stderr.strip().splitlines()[-1]
+    assert f"writing checkpoint {ck / 'step_00000004'} failed" in last, p.stderr[-3000:]
+    assert "GiB free on that disk" in last and "the last checkpoint took" in last and f"{ck / 'latest'} still points to step_00000002" in last, last
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert (ck / "latest").read_text() == "step_00000002"
+    p = subprocess.run([*cli, "--set", "train.max_steps=4", "--resume", "auto"], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0 and "resumed from step_00000002" in p.stdout, p.stderr[-3000:]
+    assert (ck / "latest").read_text() == "step_00000004"

@@ -94,10 +94,14 @@ def save(engine, output_dir: str | Path, *, step: int, client_state: dict, rank:
         if (root / tag).exists():  # a half-written save of this step from a killed run
             shutil.rmtree(root / tag)
     barrier()
-    # LoRA: only what trains (adapters + their optimizer state); the frozen base comes from the model source.
-    engine.save_checkpoint(str(root), tag=tag, client_state={"cat_ds": client_state}, save_latest=False,
-                           exclude_frozen_parameters=_frozen_part(engine))
-    torch.save(rng_state(), root / tag / f"rng_rank{rank}.pt")
+    try:
+        # LoRA: only what trains (adapters + their optimizer state); the frozen base comes from the model source.
+        engine.save_checkpoint(str(root), tag=tag, client_state={"cat_ds": client_state}, save_latest=False,
+                               exclude_frozen_parameters=_frozen_part(engine))
+        torch.save(rng_state(), root / tag / f"rng_rank{rank}.pt")
+    except (OSError, RuntimeError) as e:
+        # A full disk surfaces from torch.save as "unexpected pos 538063104 vs 538062992": say what it means.
+        raise CheckpointWriteError(_write_failure(root, tag, e)) from e
     if rank == 0:
         (root / tag / "client_state.json").write_text(json.dumps(client_state, indent=1) + "\n")
         if hf_files is not None:
@@ -111,6 +115,24 @@ def save(engine, output_dir: str | Path, *, step: int, client_state: dict, rank:
         _prune(root, keep_last, tag)
     barrier()
     return tag
+
+
+class CheckpointWriteError(RuntimeError):
+    """A rank could not write its part of a checkpoint (disk full, quota, file-size limit, I/O error)."""
+
+
+def _write_failure(root: Path, tag: str, err: BaseException) -> str:
+    try:
+        latest = read_latest(root)
+    except RuntimeError:
+        latest = None
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    msg = f"writing checkpoint {root / tag} failed ({first_line}); {shutil.disk_usage(root).free / 2**30:.1f} GiB free on that disk"
+    if latest is None:
+        return msg + "; no earlier checkpoint exists"
+    size = sum(f.stat().st_size for f in (root / latest).rglob("*") if f.is_file())
+    return (msg + f", the last checkpoint took {size / 2**20:,.0f} MiB; {root / 'latest'} still points to {latest}, "
+            "which `--resume auto` continues from once there is room")
 
 
 def _frozen_part(engine) -> bool:
