@@ -44,6 +44,15 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the file and the key."""
 
 
+def read_text(path: Path, what: str) -> str:
+    """A file the run needs, as text; unreadable (permissions, I/O error, not UTF-8) is one ConfigError."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError(f"{path}: cannot read this {what}: {reason}") from None
+
+
 @dataclass
 class LoraSettings:
     """`model.lora`: train low-rank adapters (peft) instead of every weight; absent = full fine-tuning."""
@@ -268,7 +277,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = shipped(path, RECIPES_DIR, ".yaml")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found (shipped recipes: {shipped_names(RECIPES_DIR, '.yaml')})")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "config file")
     try:
         node = yaml.compose(text)
         raw = yaml.safe_load(text) or {}
@@ -357,7 +366,7 @@ def load_ds_config(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: DeepSpeed config not found (shipped: {shipped_names(DS_CONFIGS_DIR, '.json')})")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_text(path, "DeepSpeed config"))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
 

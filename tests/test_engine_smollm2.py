@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 def runs(tmp_path_factory, stg_dir, smol_cache):
     tmp = tmp_path_factory.mktemp("smol")
     common = dict(stg_dir=stg_dir, tokenizer_dir=None,
-                  model={"name_or_path": "smollm2-135m-instruct", "config": None, "tokenizer": None},
+                  model={"name_or_path": "smollm2-135m-instruct", "config": None, "tokenizer": None,
+                         "gradient_checkpointing": True},
                   train={"micro_batch_size": 2, "max_steps": 4, "lr": 1e-4, "export": True},
                   cat={"enabled": True, "heads": "all"},
                   eval={"limit": 4, "batch_size": 4, "probe_size": 0},
@@ -46,6 +47,7 @@ def test_sharded_load_of_the_real_model(runs):
     m = re.search(r"model: ([\d,]+) parameters; rank 0 holds ([\d,]+)", ref.stdout)
     total, local = (int(g.replace(",", "")) for g in m.groups())
     assert total == 134_515_008 and local <= total // 2 + 100_000, (total, local)
+    assert "activation checkpointing on)" in ref.stdout  # the CAT loss below runs under it
 
 
 def test_cat_trains_and_resume_is_bit_exact(runs):

@@ -66,7 +66,8 @@ def test_batched_left_padding_equals_one_at_a_time(trained):
     assert {p.prediction for p in one.predictions} <= {"High Risk", "Low Risk", "Middle Risk"} | {
         p.prediction for p in one.predictions if not p.correct
     }
-    # Prompt tokenised like training beats the prompt tokenised as is (platform notes trap).
+    # Prompt tokenised like training beats the prompt tokenised as is: the trailing-space trap (a BPE
+    # tokenises "... Answer: " alone differently from the same prefix inside "... Answer: High").
     raw = run_eval(model, tok, recs, batch_size=8, prompt_mode="raw")
     assert one.accuracy > raw.accuracy, (one.summary(), raw.summary())
 

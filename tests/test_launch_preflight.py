@@ -88,3 +88,35 @@ def test_a_port_in_use(tmp_path, good_data):
         s.listen()
         port = s.getsockname()[1]
         assert f"--master-port {port}: already in use" in _train(tmp_path, args=("--master-port", str(port)))
+
+
+# A regular file whose every read fails (EIO), even for root, whom `chmod 000` does not stop.
+UNREADABLE = Path("/proc/self/mem")
+
+
+@pytest.mark.skipif(not UNREADABLE.is_file(), reason="needs Linux /proc")
+def test_unreadable_files_are_one_line_naming_them(tmp_path, good_data):
+    def link(name: str) -> Path:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).symlink_to(UNREADABLE)
+        return tmp_path / name
+
+    ds, data, gguf, cfg = link("ds.json"), link("bad.jsonl"), link("w.gguf"), link("cfg.yaml")
+    assert f"{ds}: cannot read this DeepSpeed config: Input/output error" in _train(tmp_path, ds=str(ds))
+    assert f"{data}: cannot read this file" in _train(tmp_path, data={"train": str(data)})
+    m_cfg = link("m/config.json")
+    err = _train(tmp_path, model={"name_or_path": str(m_cfg.parent)})
+    assert f"model.name_or_path: {m_cfg}: cannot read this model config" in err
+    assert f"model.name_or_path: {gguf}: cannot read this file" in _train(tmp_path, model={"name_or_path": str(gguf)})
+    p = subprocess.run([CAT_DS, "train", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and p.stderr.strip() == f"Error: config error: {cfg}: cannot read this config file: " \
+        "Input/output error", p.stderr
+    # `data validate` lists it with the other files' errors; a file that is not UTF-8 is one error too.
+    (tmp_path / "latin1.jsonl").write_bytes('{"input": "caf\xe9", "target": "b"}\n'.encode("latin-1"))
+    (tmp_path / "iid.jsonl").write_text('{"input": "a"}\n')
+    files = [str(data), str(tmp_path / "latin1.jsonl"), str(tmp_path / "iid.jsonl")]
+    p = subprocess.run([CAT_DS, "data", "validate", *files], capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+    for where in (f"{data}: cannot read this file: Input/output error", f"{tmp_path / 'latin1.jsonl'}: cannot read "
+                  "this file: 'utf-8' codec can't decode", "iid.jsonl:1: target"):
+        assert where in p.stderr, p.stderr

@@ -151,9 +151,8 @@ def expand_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list
     return out
 
 
-def _iter_json_values(path: Path) -> Iterator[tuple[int, Any | Exception]]:
-    """(line number, decoded value or the decode error) for JSONL or a JSON array file."""
-    text = path.read_text(encoding="utf-8")
+def _iter_json_values(path: Path, text: str) -> Iterator[tuple[int, Any | Exception]]:
+    """(line number, decoded value or the decode error) for JSONL or a JSON array file's text."""
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -188,7 +187,13 @@ def _rows(src: Path | str) -> Iterator[tuple[str, Any, bool]]:
         for where, row in iter_rows(src):
             yield where, row, True
     else:
-        for lineno, value in _iter_json_values(Path(src)):
+        try:
+            text = Path(src).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:  # one error for the file; the other sources still report theirs
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            yield f"{src}: ", ValueError(f"cannot read this file: {reason}"), False
+            return
+        for lineno, value in _iter_json_values(Path(src), text):
             yield f"{Path(src).name}:{lineno}: ", value, False
 
 

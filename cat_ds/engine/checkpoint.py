@@ -127,7 +127,8 @@ def _write_failure(root: Path, tag: str, err: BaseException) -> str:
     except RuntimeError:
         latest = None
     first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    msg = f"writing checkpoint {root / tag} failed ({first_line}); {shutil.disk_usage(root).free / 2**30:.1f} GiB free on that disk"
+    free = shutil.disk_usage(root).free / 2**30
+    msg = f"writing checkpoint {root / tag} failed ({first_line}); {free:.1f} GiB free on that disk"
     if latest is None:
         return msg + "; no earlier checkpoint exists"
     size = sum(f.stat().st_size for f in (root / latest).rglob("*") if f.is_file())

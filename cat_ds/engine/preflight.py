@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cat_ds.config import Config, ConfigError, fill_ds_config, load_ds_config
+from cat_ds.config import Config, ConfigError, fill_ds_config, load_ds_config, read_text
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -35,6 +35,17 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", ".", "~")) or spec.count("/") >= 2 or spec.endswith(".gguf") or "\\" in spec
 
 
+def _json_file(path: Path, key: str) -> None:
+    import json
+
+    try:
+        json.loads(read_text(path, "model config"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{key}: {path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
 def check_model(cfg: Config) -> None:
     """The model (and tokenizer) a run names exist in a shape that loads, before any rank starts."""
     from cat_ds.sources import NAMED, SourceError, named_gguf
@@ -44,6 +55,8 @@ def check_model(cfg: Config) -> None:
                 f"one of {', '.join(NAMED)}, or a hub id (org/name)")
     if m.config and not Path(m.config).is_file():
         raise ConfigError(f"model.config: {m.config}: no such file (a Hugging Face config.json to build a model from)")
+    if m.config:
+        _json_file(Path(m.config), "model.config")
     if m.tokenizer and not Path(m.tokenizer).exists() and not m.train_tokenizer and _looks_like_path(m.tokenizer):
         raise ConfigError(f"model.tokenizer: {m.tokenizer}: no such directory")
     spec = m.name_or_path
@@ -59,10 +72,16 @@ def check_model(cfg: Config) -> None:
     if path.is_file():
         if path.suffix != ".gguf":
             raise ConfigError(f"model.name_or_path: {spec}: a file, but not a .gguf; {expected}")
+        try:
+            with open(path, "rb") as fh:
+                fh.read(4)
+        except OSError as e:
+            raise ConfigError(f"model.name_or_path: {spec}: cannot read this file: {e.strerror or e}") from None
         return  # its content is checked (magic bytes, architecture) when it is converted
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ConfigError(f"model.name_or_path: {spec}: no config.json in this directory; {expected}")
+        _json_file(path / "config.json", "model.name_or_path")
         if not any(next(path.glob(w), None) for w in WEIGHTS):
             raise ConfigError(f"model.name_or_path: {spec}: no weights (*.safetensors or pytorch_model*.bin) "
                               "in this directory")

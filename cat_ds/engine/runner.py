@@ -16,7 +16,8 @@ from cat_ds.data.stg import ensure_stg
 from cat_ds.engine.data import StepBatches, default_cache_dir, tokenize_dataset
 from cat_ds.engine.distributed import DistInfo, barrier, init_distributed
 from cat_ds.engine.loop import EvalFn, Loop
-from cat_ds.engine.model import build_model, load_model_config, load_tokenizer, model_source
+from cat_ds.engine.model import (build_model, gradient_checkpointing_active, load_model_config, load_tokenizer,
+                                 model_source)
 
 
 def _main_first(info: DistInfo, fn):
@@ -105,7 +106,8 @@ def setup(cfg: Config, ds_config_path: str, info: DistInfo | None = None):
         n_all = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         n_here = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
         print(f"[cat-ds] model: {n_all:,} parameters; rank 0 holds {n_here:,} after loading "
-              f"(ZeRO stage {ds.get('zero_optimization', {}).get('stage', 0)}, world {info.world_size})", flush=True)
+              f"(ZeRO stage {ds.get('zero_optimization', {}).get('stage', 0)}, world {info.world_size}; "
+              f"activation checkpointing {'on' if gradient_checkpointing_active(model) else 'off'})", flush=True)
         if cfg.model.lora is not None:
             n_train = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
             print(f"[cat-ds] LoRA r={cfg.model.lora.r} on {', '.join(cfg.model.lora.target_modules)}: "
