@@ -187,11 +187,12 @@ def _rows(src: Path | str) -> Iterator[tuple[str, Any, bool]]:
         for where, row in iter_rows(src):
             yield where, row, True
     else:
+        from cat_ds.config import ConfigError, read_text
+
         try:
-            text = Path(src).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:  # one error for the file; the other sources still report theirs
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            yield f"{src}: ", ValueError(f"cannot read this file: {reason}"), False
+            text = read_text(Path(src), "file")
+        except ConfigError as e:  # one error for the file; the other sources still report theirs
+            yield "", ValueError(str(e)), False
             return
         for lineno, value in _iter_json_values(Path(src), text):
             yield f"{Path(src).name}:{lineno}: ", value, False

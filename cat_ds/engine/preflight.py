@@ -3,6 +3,7 @@ DeepSpeed, no transformers): `cat-ds train` runs it before torchrun, and every s
 is a second before the first step."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -36,8 +37,6 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def _json_file(path: Path, key: str) -> None:
-    import json
-
     try:
         json.loads(read_text(path, "model config"))
     except json.JSONDecodeError as e:
