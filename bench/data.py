@@ -28,7 +28,11 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    tmp = Path(tempfile.mkdtemp())
+    with tempfile.TemporaryDirectory(prefix="bench_data-") as d:  # generated here, removed after
+        run(args, Path(d))
+
+
+def run(args, tmp: Path) -> None:
     write_stg(tmp, task="stg_h", train_size=args.records, seed=0, test_size=10)
     tok = train_tokenizer([tmp / "train.jsonl"], args.kind, 1024, tmp / "tok")
     tok = load_tokenizer(tmp / "tok")

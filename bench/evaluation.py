@@ -53,7 +53,8 @@ def load_model(args, data_dir: Path):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="a saved model dir with its tokenizer (default: random init)")
+    ap.add_argument("--model", help="a saved model dir with its tokenizer, a .gguf or a named model "
+                    "(default: random init)")
     ap.add_argument("--model-config", default=str(REPO / "configs/models/demo_llama.json"))
     ap.add_argument("--task", choices=["stg", "stg_h"], default="stg")
     ap.add_argument("--split", choices=["iid", "ood"], default="ood")
@@ -65,7 +66,11 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    data_dir = Path(tempfile.mkdtemp())
+    with tempfile.TemporaryDirectory(prefix="bench_eval-") as d:  # generated here, removed after
+        run(args, Path(d))
+
+
+def run(args, data_dir: Path) -> None:
     write_stg(data_dir, task=args.task, train_size=2000, seed=0, test_size=args.records)
     records = load_records(data_dir / f"test_{args.split}.jsonl")
     model, tok = load_model(args, data_dir)

@@ -12,13 +12,17 @@ interleaved step by step so background load hits both alike.
 - plain: `cat_ds.engine.plain_step` (`from_pretrained`, `model(..., labels=...)`, backward, fused
   torch AdamW; CAT adds the engine's attention function and loss): the floor DeepSpeed's
   machinery is measured against (a timing reference, it trains nothing).
-- zero3x1, zero3x2, zero2x1: `Loop.train_step` of the engine (`runner.setup`), with
+- zero3x1, zero3x2, zero2x1: `Trainer.train_step` of the engine (after `Trainer.setup`), with
   ds_configs/zero3.json or zero2.json, as `cat-ds train` runs them.
 FLOP limit: 6 x parameters x non-padding tokens of the step / the rate of a 2048^2 fp32 matmul
 on all cores (on a GPU: an 8192^2 bf16 matmul), measured in the same run; MFU is that limit
 over the measured step. `--json` ends with one line of the ratios:
 engine_over_plain (CAT, ZeRO-3, 1 rank, over plain CAT), cat_over_base (engine, ZeRO-3, 1 rank),
-engine_over_flop_limit (engine CAT step over the limit), startup_s.
+engine_over_flop_limit (engine CAT step over the limit), startup_s, and the peak memory of the steps
+(CPU: the process's peak RSS after set-up; CUDA: max_memory_allocated) of base and CAT with
+activation checkpointing off and on, each in a fresh process: cat_ckpt_extra_mib (CAT minus base,
+both checkpointed) and cat_ckpt_budget_mib (one layer's supervised-row fp32 scores, rows x sampled
+heads x T x 4 bytes, plus 10 % of base's peak); the bench exits 1 when the first is above the second.
 """
 from __future__ import annotations
 
@@ -72,6 +76,38 @@ def overrides(args, mode: str, out: str, micro: int) -> list[str]:
             "eval.probe_size=0", *lora, *args.set]
 
 
+def reset_peak(device) -> None:
+    """Start a fresh peak: CUDA's allocator counter, or the process's RSS high-water mark (Linux)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS (Linux >= 4.0)
+
+
+def step_peak_mib(device) -> float:
+    """Peak since reset_peak: `max_memory_allocated` on CUDA, else the process's peak RSS."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    status = Path("/proc/self/status").read_text()
+    return int(next(l for l in status.splitlines() if l.startswith("VmHWM:")).split()[1]) / 1024
+
+
+def scores_bytes(trainer, micro_batches, step: int) -> int:
+    """The issue's budget unit: the supervised rows' scores of one selected layer, fp32:
+    rows x sampled heads x sequence x 4 bytes (the largest micro-batch of the step)."""
+    from cat_ds.reattention import select
+
+    c = trainer.cfg
+    layers, heads = select(trainer.num_layers, trainer.num_heads, layers=c.cat.layers, heads=c.cat.heads,
+                           seed=c.train.seed, step=step)
+    n_heads = max(trainer.num_heads if heads[layer] is None else heads[layer].numel() for layer in layers)
+    return max(mb["cat_rows"].shape[0] * n_heads * mb["input_ids"].shape[1] * 4 for mb in micro_batches)
+
+
 def child(args) -> None:
     """One variant, both modes; prints a JSON line (rank 0)."""
     import torch
@@ -94,23 +130,26 @@ def child(args) -> None:
             data = tokenize_dataset(cfg.data.train, tok, max_length=cfg.data.max_length, min_gap=cfg.cat.min_gap,
                                     chat_template=cfg.data.chat_template,
                                     cache_dir=f"{args.work}/cache")
-            batches = StepBatches(data, CatCollator(tok.pad_token_id), micro=8, accum=1, world=1, rank=0,
-                                  seed=cfg.train.seed)
+            from cat_ds.schedule import schedule
+
+            batches = StepBatches(data, CatCollator(tok.pad_token_id), schedule(cfg, 1, len(data)), rank=0,
+                                  seed=cfg.train.seed)  # micro 8 x accum 1 x 1 rank (the overrides above)
             from cat_ds.engine.plain_step import plain_stepper
 
             st = plain_stepper(cfg, info.device)
             steppers[mode] = (lambda s, st=st: st(batches.step(s)[0]))
         else:
-            from cat_ds.engine.loop import Loop
-            from cat_ds.engine.runner import setup
+            from cat_ds.engine.trainer import Trainer
             from cat_ds.tracking.base import NullLogger
 
-            engine, batches, tok, _, _, info = setup(cfg, ds_path, info)
-            loop = Loop(cfg, engine, batches, tok, info=info, total_steps=10 ** 9, logger=NullLogger(), evaluate=None)
-            steppers[mode] = (lambda s, loop=loop: loop.train_step(s, False))
+            trainer = Trainer(cfg, ds_path, info=info, logger=NullLogger(), evaluate=False)
+            trainer.setup()
+            batches = trainer.batches
+            steppers[mode] = (lambda s, trainer=trainer: trainer.train_step(s))
     times = {m: [] for m in steppers}
     tokens = []
     sync = torch.cuda.synchronize if info.device.type == "cuda" else (lambda: None)
+    reset_peak(info.device)  # the steps' peak, not the model load's
     for s in range(args.warmup + args.steps):
         for m, fn in steppers.items():
             sync()
@@ -128,17 +167,22 @@ def child(args) -> None:
         import resource
 
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        extra = {"step_peak_mib": step_peak_mib(info.device), "scores_mib": 0.0}
+        if "cat" in steppers and ds_path is not None:
+            extra["scores_mib"] = max(scores_bytes(trainer, batches.step(s), s)
+                                      for s in range(args.warmup + args.steps)) / 2 ** 20
         print("RESULT " + json.dumps({"variant": args.child, "threads": torch.get_num_threads(), "peak_rss_mb": peak_mb,
+                                      **extra,
                                       "tokens": statistics.mean(tokens),
                                       **{m: statistics.median(v) for m, v in times.items()},
                                       **{f"{m}_all": [round(x, 3) for x in v] for m, v in times.items()}}), flush=True)
 
 
-def run_child(args, variant: str, modes: str | None = None) -> dict:
+def run_child(args, variant: str, modes: str | None = None, extra: tuple[str, ...] = ()) -> dict:
     _, world = VARIANTS[variant]
     me = [str(Path(__file__).resolve()), "--child", variant, "--config", args.config, "--work", args.work,
           "--steps", str(args.steps), "--warmup", str(args.warmup), "--modes", modes or args.modes]
-    for s in args.set:
+    for s in [*args.set, *extra]:
         me += ["--set", s]
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS",)}
     if world == 1:
@@ -154,6 +198,21 @@ def run_child(args, variant: str, modes: str | None = None) -> dict:
     if p.returncode or not lines:
         sys.exit(f"{variant} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
     return json.loads(lines[-1][7:])
+
+
+def memory(args) -> dict:
+    """Peak memory of one engine step, base and CAT, activation checkpointing off and on: a fresh
+    process each (--memory-variant, default ZeRO-3 on 1 rank). The budget CAT with checkpointing
+    must stay within: the supervised rows' fp32 scores of one layer plus 10 % of base's peak."""
+    peak, scores = {}, 0.0
+    for ckpt in ("off", "on"):
+        for m in ("base", "cat"):
+            r = run_child(args, args.memory_variant, m, (f"model.gradient_checkpointing={str(ckpt == 'on').lower()}",))
+            peak[f"{m}_ckpt_{ckpt}"] = r["step_peak_mib"]
+            scores = max(scores, r["scores_mib"])
+    return {"memory_variant": args.memory_variant, "peak_mib": peak, "scores_mib": scores,
+            "cat_ckpt_extra_mib": peak["cat_ckpt_on"] - peak["base_ckpt_on"],
+            "cat_ckpt_budget_mib": scores + 0.1 * peak["base_ckpt_on"]}
 
 
 def startup(args) -> float:
@@ -190,6 +249,9 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--no-startup", action="store_true")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs (4 more processes)")
+    p.add_argument("--memory-variant", default="zero3x1", choices=[v for v in VARIANTS if VARIANTS[v][0]],
+                   help="the engine variant whose peak memory is measured (default zero3x1)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
@@ -201,12 +263,13 @@ def main() -> int:
     import torch
 
     from cat_ds.config import load_config
-    from cat_ds.engine.model import load_model_config, model_source
+    from cat_ds.engine.model import load_model_config
+    from cat_ds.engine.prepare import prepare_files
 
     own_work = args.work is None
     args.work = args.work or tempfile.mkdtemp(prefix="step_time-")
     cfg = load_config(args.config, args.set)
-    model_source(cfg, convert=True)  # a GGUF is converted once, before anything is timed
+    prepare_files(cfg)  # once, before anything is timed: a missing STG set, a GGUF model, a local tokenizer
     mc = load_model_config(cfg)
     from transformers import AutoModelForCausalLM
 
@@ -237,6 +300,8 @@ def main() -> int:
         res["cat_over_base"] = z["cat"] / z["base"]
     if z and "cat" in modes:
         res["engine_over_flop_limit"] = z["cat"] / limit
+    if not args.no_memory:
+        res.update(memory(args))
     if not args.no_startup:
         res["startup_s"] = startup(args)
     if own_work:  # the start-up run's checkpoint alone is ~1.6 GB
@@ -258,9 +323,20 @@ def main() -> int:
     for k in ("engine_over_plain", "engine_over_plain_base", "cat_over_base", "engine_over_flop_limit", "startup_s"):
         if k in res:
             print(f"{k}: {res[k]:.3f}")
+    over = False
+    if "peak_mib" in res:
+        dev = "max_memory_allocated" if torch.cuda.is_available() else "peak RSS"
+        print(f"peak memory of the steps ({dev} after set-up, {res['memory_variant']}), MiB:")
+        print("| checkpointing | base | CAT | CAT - base |\n|---|---|---|---|")
+        for ckpt in ("off", "on"):
+            b, c = res["peak_mib"][f"base_ckpt_{ckpt}"], res["peak_mib"][f"cat_ckpt_{ckpt}"]
+            print(f"| {ckpt} | {b:.0f} | {c:.0f} | {c - b:+.0f} |")
+        over = res["cat_ckpt_extra_mib"] > res["cat_ckpt_budget_mib"]
+        print(f"cat_ckpt_extra_mib: {res['cat_ckpt_extra_mib']:.1f} (budget {res['cat_ckpt_budget_mib']:.1f} = "
+              f"scores {res['scores_mib']:.2f} + 10 % of base): {'OVER BUDGET' if over else 'within budget'}")
     if args.json:
         print(json.dumps(res))
-    return 0
+    return 1 if over else 0
 
 
 if __name__ == "__main__":

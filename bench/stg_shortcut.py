@@ -16,6 +16,11 @@
 
     .venv/bin/python bench/stg_shortcut.py --data DEMO_OUT/data/stg_M \
         --model DEMO_OUT/runs/stg_M_base_s0/export --model DEMO_OUT/runs/stg_M_cat_s0/export
+    .venv/bin/python bench/stg_shortcut.py --model smollm2-135m-instruct   # the untrained reference
+
+DEMO_OUT is the `--out` of a `cat-ds demo` run (default demo_out), which trains and exports both
+models. `--data` defaults to data/stg_m (generated if missing, as `cat-ds train` does); `--model`
+also takes a .gguf or a named model (converted once, like the engine's models).
 
 Used for docs/demo_recipe.md ("Why it is a lottery" and "Per-layer and per-head constraints, and
 a twin knock-out").
@@ -123,23 +128,31 @@ def knockout_accuracy(model, tok, records: list[CatRecord], knockout: str) -> fl
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True, help="an STG data dir (test_iid.jsonl, test_ood.jsonl)")
-    ap.add_argument("--model", action="append", required=True, help="a saved model dir with its tokenizer (repeatable)")
+    ap.add_argument("--data", default="data/stg_m", help="an STG data dir (test_iid.jsonl, test_ood.jsonl)")
+    ap.add_argument("--model", action="append", required=True,
+                    help="a saved model dir with its tokenizer, a .gguf or a named model (repeatable)")
+    ap.add_argument("--eval-records", type=int, default=None, help="OOD records generated (default: all)")
     ap.add_argument("--attention-records", type=int, default=100, help="OOD records for the attention table")
     ap.add_argument("--knockout-records", type=int, default=400, help="IID and OOD records for the twin knock-out")
     args = ap.parse_args(argv)
     from transformers import AutoModelForCausalLM
 
+    from cat_ds.data.stg import ensure_stg
+    from cat_ds.sources import resolve
+
     torch.set_num_threads(1)
+    ensure_stg([str(Path(args.data) / f"test_{s}.jsonl") for s in ("iid", "ood")], generate=True)
     ood = load_records(Path(args.data) / "test_ood.jsonl")
     iid = load_records(Path(args.data) / "test_iid.jsonl")
-    for path in args.model:
+    for spec in args.model:
+        path = resolve(spec)  # a directory as given; a .gguf or a named model converted once into the cache
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
         tok = load_tokenizer(path)
-        print(f"## {path}")
+        print(f"## {spec}")
         # run_eval: the same generation and exact-match scoring as the engine's evaluation
-        as_is = run_eval(model, tok, ood, batch_size=200).accuracy
-        twins = run_eval(model, tok, [consistent_twins(r) for r in ood], batch_size=200).accuracy
+        gen = ood[:args.eval_records]
+        as_is = run_eval(model, tok, gen, batch_size=200).accuracy
+        twins = run_eval(model, tok, [consistent_twins(r) for r in gen], batch_size=200).accuracy
         print(f"OOD accuracy {as_is:.4f}; with consistent twins {twins:.4f}")
         for split, recs in (("IID", iid), ("OOD", ood)):
             recs = recs[:args.knockout_records]

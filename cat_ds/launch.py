@@ -20,7 +20,9 @@ from typing import Callable
 
 from cat_ds.choices import MODES
 from cat_ds.config import load_config
-from cat_ds.engine.preflight import check, check_data, check_model, check_port, threads_per_rank
+from cat_ds.engine.device import check_gpu_ready, device_choice
+from cat_ds.engine.preflight import (check, check_data, check_model, check_port, check_schedule_at,
+                                    threads_per_rank)
 
 
 def matrix(output_dir: str | Path, modes, seeds) -> list[tuple[str, list[str]]]:
@@ -37,7 +39,7 @@ def matrix(output_dir: str | Path, modes, seeds) -> list[tuple[str, list[str]]]:
 
 def default_nproc() -> int:
     """Number of GPUs, or 1 on CPU (one rank with every core beats two ranks with one each)."""
-    if shutil.which("nvidia-smi"):  # importing torch just to count no GPUs costs ~2 s
+    if device_choice() != "cpu" and shutil.which("nvidia-smi"):  # importing torch to count no GPUs costs ~2 s
         import torch
 
         return max(1, torch.cuda.device_count())
@@ -78,8 +80,9 @@ def launch(config: str | Path, ds_config: str | Path, nproc: int | None = None, 
     cfg = load_config(config, list(overrides))  # raises ConfigError
     check(cfg, str(ds_config), nproc, resume)
     check_model(cfg)
-    check_data(cfg)
     check_port(master_port)
+    check_gpu_ready()  # GPUs allocated but a CPU build of torch: one line, before any rank starts
+    check_schedule_at(cfg, nproc, check_data(cfg), src=str(config))  # before any rank or model
     cmd, env = command(config, ds_config, nproc, overrides, resume, master_port)
     if echo:
         echo("+ " + " ".join(cmd))

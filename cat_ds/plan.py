@@ -17,9 +17,14 @@ per sample measured on the data when the tokenizer is at hand).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 GIB = 1024 ** 3
+# Architectures (config.json, no weights) of the shipped recipes' hub models, named org--name.json:
+# planning a recipe needs no network.
+MODELS_DIR = Path(__file__).resolve().parent / "configs" / "models"
 
 
 @dataclass
@@ -68,6 +73,64 @@ def cat_extra(mcfg, micro: int, seq: int, rows: float, heads: int, layers: int) 
     return int(micro * rows * heads * layers * seq * 4)
 
 
+def _hub_id(cfg) -> str | None:
+    """model.name_or_path when it is a hub id (not a local path, not a named GGUF)."""
+    from cat_ds.sources import NAMED
+
+    spec = cfg.model.name_or_path
+    if not spec or spec in NAMED or Path(spec).expanduser().exists() or spec.endswith(".gguf"):
+        return None
+    return spec
+
+
+def cached_snapshot(repo_id: str) -> str | None:
+    """The local Hugging Face cache's copy of a hub repo, without touching the network."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # not cached (or not a valid id): the caller falls back
+        return None
+
+
+def architecture(cfg):
+    """The model's transformers config, offline first: model.config or a local model as the run
+    would load it; a hub id from the local HF cache; else the shipped configs/models/<org>--<name>.json
+    (or <named model>.json, before its GGUF is converted); else the hub."""
+    from transformers import AutoConfig
+
+    from cat_ds.config import ConfigError
+    from cat_ds.engine.model import load_model_config
+
+    spec, hub = cfg.model.name_or_path, _hub_id(cfg)
+    shipped = MODELS_DIR / (spec.replace("/", "--") + ".json") if spec else None
+    if hub:
+        snap = cached_snapshot(hub)
+        if snap and Path(snap, "config.json").is_file():
+            return AutoConfig.from_pretrained(snap)
+    else:
+        try:
+            return load_model_config(cfg)
+        except ConfigError:
+            if shipped is None or not shipped.is_file():
+                raise
+    if shipped is not None and shipped.is_file():
+        return AutoConfig.for_model(**json.loads(shipped.read_text(encoding="utf-8")))
+    return load_model_config(cfg)
+
+
+def run_schedule(cfg, world_size: int):
+    """(Schedule, None), or (None, why) when the training records cannot be counted."""
+    from cat_ds.config import ConfigError
+    from cat_ds.engine.preflight import check_data
+    from cat_ds.schedule import schedule
+
+    try:
+        return schedule(cfg, world_size, check_data(cfg)), None
+    except ConfigError as e:
+        return None, str(e).splitlines()[0]
+
+
 def supervised_rows(cfg, limit: int = 64) -> float | None:
     """Mean supervised rows per training record (first `limit`), or None without data/tokenizer."""
     try:
@@ -76,18 +139,35 @@ def supervised_rows(cfg, limit: int = 64) -> float | None:
         from cat_ds.data.tokenizers import load_tokenizer
         from cat_ds.engine.model import model_source
 
-        tok = load_tokenizer(cfg.model.tokenizer or model_source(cfg, convert=True))
+        hub = None if cfg.model.tokenizer else _hub_id(cfg)
+        src = cfg.model.tokenizer or (cached_snapshot(hub) if hub else model_source(cfg))
+        if src is None:  # a hub model not in the local cache: no network (nor GGUF conversion) for a plan
+            return None
+        tok = load_tokenizer(src)
         recs = load_records(cfg.data.train, columns=cfg.data.columns)[:limit]
         return sum(len(tokenize_example(r, tok, cfg.data.max_length).rows) for r in recs) / max(1, len(recs))
     except Exception:  # no data yet, no tokenizer offline: the caller assumes a default
         return None
 
 
-def plan(cfg, nodes: int, gpus_per_node: int, gpu_gib: float, cpu_gib: float, rows: float | None = None) -> str:
-    from cat_ds.engine.model import load_model_config
+def schedule_lines(cfg, sched, why: str | None = None) -> list[str]:
+    """The schedule (cat_ds/schedule.py) and its verdict, as `plan` prints them."""
+    from cat_ds.schedule import schedule_problems
+
+    if sched is None:
+        return [f"schedule: unknown ({why})"]
+    problems = schedule_problems(sched, cfg)
+    return [f"schedule: {sched.describe()}",
+            "schedule verdict: " + ("ok" if not problems else "refused: " + "; ".join(problems))]
+
+
+def plan(cfg, nodes: int, gpus_per_node: int, gpu_gib: float, cpu_gib: float, rows: float | None = None,
+         sched=None, sched_why: str | None = None) -> str:
     from cat_ds.reattention.selection import parse_heads, parse_layers
 
-    mcfg = load_model_config(cfg)
+    if sched is None and sched_why is None:
+        sched, sched_why = run_schedule(cfg, nodes * gpus_per_node)
+    mcfg = architecture(cfg)
     total, largest = count_params(mcfg)
     bytes_per = 4 if cfg.model.dtype == "fp32" else 2  # auto: bf16 on the GPUs this plans for
     micro, seq = cfg.train.micro_batch_size, cfg.data.max_length
@@ -105,6 +185,7 @@ def plan(cfg, nodes: int, gpus_per_node: int, gpu_gib: float, cpu_gib: float, ro
              f"per GPU: activations {act / GIB:.2f} GiB (micro-batch {micro}, length {seq}, "
              f"{'bf16' if bytes_per == 2 else 'fp32'}, checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'})"
              + (f"; CAT recompute {extra / GIB:.2f} GiB ({rows_note})" if cfg.cat.enabled else ""),
+             *schedule_lines(cfg, sched, sched_why),
              "", "| option | model states per GPU | + activations, CAT | host memory per node | verdict |",
              "|---|---|---|---|---|"]
     for o in model_states(total, largest, nodes, gpus_per_node):

@@ -35,19 +35,25 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        from cat_ds.engine.device import check_gpu_ready, device_choice, device_env
         from cat_ds.engine.preflight import check
 
         # Before any model or process group. Every rank checks before rank 0 may write anything.
         check(cfg, args.ds_config, int(os.environ.get("WORLD_SIZE", "1")), args.resume)
+        from cat_ds.engine.faults import Faults
+
+        faults = Faults.from_env()  # tests only: None in every real run
+        check_gpu_ready(probe=True)  # a direct srun/torchrun launch has had no launcher check this
+        os.environ.update(device_env(device_choice()))  # DeepSpeed picks its accelerator when imported
     except ConfigError as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"cat-ds: config error: {e}", file=sys.stderr, flush=True)
         return 2
     from cat_ds.engine.checkpoint import CheckpointWriteError
-    from cat_ds.engine.runner import train
+    from cat_ds.engine.trainer import run
 
     try:
-        status = train(cfg, args.ds_config, resume=None if args.resume == "none" else "auto")
+        status = run(cfg, args.ds_config, resume=None if args.resume == "none" else "auto", faults=faults)
     except ConfigError as e:
         print(f"cat-ds: config error: {e}", file=sys.stderr, flush=True)
         os._exit(2)  # leave without waiting on peers (see engine/distributed.py)

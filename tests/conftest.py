@@ -17,6 +17,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Every rank a test starts (and in-process engines) trains on CPU/gloo in fp32, GPU or not: the
+# exactness asserts and the 2-rank tests on a 1-GPU machine need it. tests/test_gpu.py asks for CUDA.
+from cat_ds.engine.device import device_env  # noqa: E402  (torch-free)
+
+for _k, _v in device_env("cpu").items():
+    os.environ.setdefault(_k, _v)
 
 
 def load_bench_script(name: str):

@@ -2,7 +2,7 @@
 `run_eval` on its shard; rank 0 writes the gathered result as JSON.
 
 Modes: `plain` = every rank holds the full model (torch.distributed only);
-`zero3` = the engine's `setup` (DeepSpeed ZeRO-3, "cat_sdpa" attention) partitions the model,
+`zero3` = the engine's `Trainer.setup` (DeepSpeed ZeRO-3, "cat_sdpa" attention) partitions the model,
 so every forward inside generate() is a collective (a rank that stops early would hang)."""
 
 import json
@@ -26,12 +26,16 @@ def main(model_dir, data, out, batch_size, mode, cfg_path=None):
         model = AutoModelForCausalLM.from_pretrained(model_dir)
     else:  # the engine's own set-up: HfDeepSpeedConfig + deepspeed.initialize, ZeRO-3 shards
         from cat_ds.config import load_config
-        from cat_ds.engine.runner import setup
+        from cat_ds.engine.ds_config import zero_stage
+        from cat_ds.engine.trainer import Trainer
+        from cat_ds.tracking.base import NullLogger
 
         cfg = load_config(cfg_path)
-        engine, _, tok, ds, *_ = setup(cfg, str(Path(__file__).parents[1] / "ds_configs" / "zero3.json"))
-        assert ds["zero_optimization"]["stage"] == 3
-        model = engine.module
+        trainer = Trainer(cfg, str(Path(__file__).parents[1] / "ds_configs" / "zero3.json"), logger=NullLogger(),
+                          evaluate=False)
+        trainer.setup()
+        assert zero_stage(trainer.ds_config) == 3
+        model, tok = trainer.engine.module, trainer.tokenizer
         # Partitioned for real: this rank holds only part of every large weight.
         w = model.get_input_embeddings().weight
         assert w.numel() == 0 and w.ds_numel > 0, (w.shape, getattr(w, "ds_numel", None))

@@ -88,25 +88,36 @@ def _node_resources() -> tuple[int, int]:
 
 
 class SlurmCluster:
-    def __init__(self, root: Path):
+    """Daemons + client helpers. The node list, the controller's address, CPUs per node and how
+    each slurmd is started are parameters: tests/multihost_cluster.py runs the same daemons with
+    each slurmd inside its own network namespace."""
+
+    def __init__(self, root: Path, nodes: dict[str, str] | None = None, ctld_addr: str = "127.0.0.1",
+                 cpus_per_node: int | None = None):
         self.root = root
         self.conf = root / "slurm.conf"
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+        self.nodes = nodes or {n: "127.0.0.1" for n in NODES}  # NodeName -> NodeAddr
+        self.ctld_addr = ctld_addr
+        self.cpus_per_node = cpus_per_node
+        # Bind to the address the host's name resolves to, not to all: two slurmds share this host.
+        self.comm_params = "NoCtldInAddrAny,NoInAddrAny"
         self._procs: dict[str, subprocess.Popen] = {}
         self._files = []
 
     # ---- lifecycle ---------------------------------------------------------------------
     def write_conf(self) -> None:
         cpus, mem = _node_resources()
+        cpus = self.cpus_per_node or cpus
         host = socket.gethostname().split(".")[0]
         (self.root / "state").mkdir(parents=True, exist_ok=True)
-        for n in NODES:
+        for n in self.nodes:
             (self.root / "spool" / n).mkdir(parents=True, exist_ok=True)
         r = self.root
-        node_ports = [_free_port() for _ in NODES]
+        node_ports = [_free_port() for _ in self.nodes]
         lines = [
             "ClusterName=catds",
-            f"SlurmctldHost={host}(127.0.0.1)",
+            f"SlurmctldHost={host}({self.ctld_addr})",
             f"SlurmctldPort={_free_port()}",
             "SlurmUser=root", "SlurmdUser=root",
             "AuthType=auth/munge", "CredType=cred/munge",
@@ -123,7 +134,7 @@ class SlurmCluster:
             # Settings measured to work in a container without systemd/cgroups.
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
-            "CommunicationParameters=NoCtldInAddrAny,NoInAddrAny",
+            f"CommunicationParameters={self.comm_params}",
             "SchedulerParameters=batch_sched_delay=0",
             "SlurmdParameters=config_overrides",
             "MailProg=/bin/true", "MpiDefault=none",
@@ -132,16 +143,27 @@ class SlurmCluster:
             "MinJobAge=600", "KillWait=10", "ReturnToService=2", "InactiveLimit=0",
             "JobRequeue=1",
         ]
-        for n, port in zip(NODES, node_ports):
-            lines.append(f"NodeName={n} NodeAddr=127.0.0.1 NodeHostname={host} Port={port} "
+        for (n, addr), port in zip(self.nodes.items(), node_ports):
+            # NodeHostname: what the node's own gethostname() says (this machine's name, unless
+            # the node runs in its own UTS namespace named after the node).
+            hostname = host if addr == "127.0.0.1" else n
+            lines.append(f"NodeName={n} NodeAddr={addr} NodeHostname={hostname} Port={port} "
                          f"CPUs={cpus} RealMemory={mem} State=UNKNOWN")
-        lines.append(f"PartitionName=debug Nodes={','.join(NODES)} Default=YES "
+        lines.append(f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES "
                      "MaxTime=INFINITE State=UP")
         self.conf.write_text("\n".join(lines) + "\n")
 
+    def prepare_hosts(self) -> None:
+        """Make the node names resolve (the head node's name becomes MASTER_ADDR)."""
+        _ensure_hosts()
+
+    def slurmd_command(self, node: str) -> list[str]:
+        """How node's slurmd starts (foreground); a subclass wraps it in the node's namespaces."""
+        return ["slurmd", "-D", "-N", node, "-f", str(self.conf)]
+
     def start(self, timeout: float = 60) -> None:
         ensure_installed()
-        _ensure_hosts()
+        self.prepare_hosts()
         self.write_conf()
         if not _munge_works():
             MUNGE_SOCKET.parent.mkdir(parents=True, exist_ok=True)
@@ -156,11 +178,11 @@ class SlurmCluster:
             stdout=subprocess.DEVNULL, stderr=self._errfile("slurmctld"))
         self._wait(lambda: self._run(["scontrol", "ping"], check=False).returncode == 0,
                    timeout, "slurmctld to answer `scontrol ping`")
-        for n in NODES:
+        for n in self.nodes:
             self._procs[f"slurmd-{n}"] = subprocess.Popen(
-                ["slurmd", "-D", "-N", n, "-f", str(self.conf)], env=self.env,
+                self.slurmd_command(n), env=self.env,
                 stdout=subprocess.DEVNULL, stderr=self._errfile(f"slurmd-{n}"))
-        self._wait(self._nodes_idle, timeout, "nodes n1 and n2 to be idle")
+        self._wait(self._nodes_idle, timeout, f"nodes {' and '.join(self.nodes)} to be idle")
 
     def stop(self) -> None:
         """Cancel what still runs (a failed test), stop the daemons, end stray job processes."""
@@ -232,7 +254,7 @@ class SlurmCluster:
     def _nodes_idle(self) -> bool:
         r = self._run(["sinfo", "-h", "-N", "-o", "%N %t"], check=False)
         states = dict(line.split() for line in r.stdout.splitlines() if line.strip())
-        return all(states.get(n) == "idle" for n in NODES)
+        return all(states.get(n) == "idle" for n in self.nodes)
 
     def daemon_logs(self, tail: int = 30) -> str:
         out = []

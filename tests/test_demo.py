@@ -1,8 +1,10 @@
 """`cat-ds demo --quick`: the README's main job, end to end on the real SmolLM2 through the engine."""
 
+import json
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -37,6 +39,20 @@ def test_demo_quick_fine_tunes_smollm2_logs_both_modes_and_compares(tmp_path, sm
         for k in ("eval/iid/accuracy", "eval/ood/accuracy"):
             assert 0.0 <= r.data.metrics[k] <= 1.0, (k, r.data.metrics)
         assert r.data.metrics["eval/iid/n"] == 50
+        # Where the answer looks, base vs CAT, logged to the run it belongs to.
+        assert {"shares.png", "attention.html", "attention.json"} <= \
+            {Path(a.path).name for a in client.list_artifacts(r.info.run_id, "attention")}
+    # ... and drawn by the demo: per-record PNGs, the per-field chart, the HTML page, their table.
+    att = out / "compare" / "attention" / "stg_s0"
+    for name in ("shares.png", "attention.html", "attention.md"):
+        assert f"[demo] attention: {att / name}" in p.stdout
+    table = json.loads((att / "attention.json").read_text())
+    assert list(table["models"]) == ["base", "cat"] and table["problems"] == []
+    assert len(table["records"]) == 8 and len(list(att.glob("record_*.png"))) == 8
+    for mode in ("base", "cat"):  # the three causal values, their three twins, the two irrelevant fields
+        assert {"causal", "Smoking", "Yellow fingers", "Clothing size", "Hormones", "Room size"} <= \
+            set(table["summary"][mode])
+    assert "Yellow fingers (twin of Smoking)" in (att / "attention.md").read_text()
 
     # A second demo in the same --out reuses the finished runs instead of training them again.
     t0 = time.time()
@@ -55,7 +71,7 @@ def test_a_failed_run_names_its_log_and_shows_its_tail(tmp_path, capsys, monkeyp
     from engine_helpers import write_config
 
     cfg = write_config(tmp_path, "run", stg_dir=stg_dir, tokenizer_dir=bpe_tokenizer.name_or_path)
-    monkeypatch.setenv("CAT_DS_TEST_RAISE_AT", "0:1")  # rank 0 raises at step 1
+    monkeypatch.setenv("CAT_DS_TEST_FAULTS", "raise_at=0:1")  # rank 0 raises at step 1
     log = tmp_path / "broken.log"
     with pytest.raises(click.ClickException) as err:
         run_one(cfg, [], log, RunProgress("[demo] broken", tmp_path / "run", 0, None))

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cat_ds.config import ConfigError, fill_ds_config, load_config, load_ds_config, unresolved_auto
+from cat_ds.config import ConfigError, load_config
+from cat_ds.engine.ds_config import fill_ds_config, load_ds_config, unresolved_auto
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = """\
@@ -144,3 +145,43 @@ def test_exit_process_flushes_stdio_and_keeps_the_exit_code():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 3
     assert p.stdout == "last line\n" and "to stderr" in p.stderr
+
+
+def test_a_wrong_cat_layers_is_a_config_error_before_any_rank_starts(tmp_path):
+    """`cat.layers` in a form no model accepts (config.validate), or naming a layer the model does not
+    have (preflight, from the model's config.json): exit 2 from the rank entry point, one line, before
+    any process group, data or model; `cat-ds train` says the same and starts nothing."""
+    from click.testing import CliRunner
+
+    from cat_ds.cli import main
+
+    model = tmp_path / "two_layers.json"
+    model.write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 4}))
+    cfg = _write(tmp_path, GOOD.replace("config: configs/models/tiny_llama.json", f"config: {model}")
+                 .replace("output_dir: runs/x", f"output_dir: {tmp_path / 'run'}"))
+    with pytest.raises(ConfigError, match=r"c\.yaml.*: cat\.layers: expected 'all', 'last N' or a list of ints"):
+        load_config(cfg, ["cat.layers=first 2"])
+    for sets, message in ((["cat.layers=first 2"], "cat.layers: expected 'all', 'last N' or a list of ints, got 'first 2'"),
+                          (["cat.layers=[0, 5]"], "cat.layers: index 5 out of range for a model with 2 layers"),
+                          (["cat.layers=last 3"], "cat.layers: 'last N' needs 1 <= N <= 2, got 'last 3'"),
+                          (["cat.heads=5"], "cat.heads: K must be in [1, 4], got 5")):
+        t0 = time.time()
+        p = subprocess.run([sys.executable, "cat_ds/train.py", "--config", str(cfg), "--set", *sets],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2, p.stderr
+        assert message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert not (tmp_path / "run").exists() and time.time() - t0 < 60
+        res = CliRunner().invoke(main, ["train", str(cfg), "--nproc", "2", "--set", *sets])
+        assert res.exit_code != 0 and message in res.output and "+ " not in res.output, res.output
+    from cat_ds.engine.preflight import check
+
+    check(load_config(cfg, ["cat.layers=[0, -1]", "cat.heads=4"]), str(REPO / "ds_configs/zero3.json"), 2, "none")
+
+
+def test_every_enumerated_value_is_checked_by_the_config():
+    from cat_ds.choices import SCORER_NAMES
+    from cat_ds.evaluation.scorers import SCORERS
+
+    assert tuple(SCORERS) == SCORER_NAMES  # the config's vocabulary is the evaluator's
+    with pytest.raises(ConfigError, match="eval.scorer: expected one of exact, gsm8k, numeric, got 'fuzzy'"):
+        load_config(REPO / "configs/stg_tiny.yaml", ["eval.scorer=fuzzy"])

@@ -41,26 +41,22 @@ def dist():
                 os.environ[k] = v
 
 
-def _engine(tmp, name, stg_dir, tok, dist, **sections):
+def _trainer(tmp, name, stg_dir, tok, dist, **sections):
+    """The real trainer, set up in this process: no logger, no evaluation."""
     from cat_ds.config import load_config
-    from cat_ds.engine.runner import setup
+    from cat_ds.engine.trainer import Trainer
+    from cat_ds.tracking.base import NullLogger
 
     cfg = load_config(write_config(tmp, name, stg_dir=stg_dir, tokenizer_dir=tok.name_or_path, **sections))
-    engine, batches, tok, ds, total, info = setup(cfg, str(REPO / "ds_configs/zero3.json"), dist)
-    return cfg, engine, batches, tok, info
+    trainer = Trainer(cfg, str(REPO / "ds_configs/zero3.json"), info=dist, logger=NullLogger(), evaluate=False)
+    trainer.setup()
+    return trainer
 
 
 @pytest.fixture(scope="module")
-def engine_run(tmp_path_factory, stg_dir, bpe_tokenizer, dist):
-    return _engine(tmp_path_factory.mktemp("engine_inproc"), "run", stg_dir, bpe_tokenizer, dist,
+def trained(tmp_path_factory, stg_dir, bpe_tokenizer, dist):
+    return _trainer(tmp_path_factory.mktemp("engine_inproc"), "run", stg_dir, bpe_tokenizer, dist,
                    model={"gradient_checkpointing": True}, train={"max_steps": 3, "grad_accum": 2})
-
-
-def _loop(cfg, engine, batches, tok, info, total=3):
-    from cat_ds.engine.loop import Loop
-    from cat_ds.tracking.base import NullLogger
-
-    return Loop(cfg, engine, batches, tok, info=info, total_steps=total, logger=NullLogger(), evaluate=None)
 
 
 def _count_layer_calls(model) -> tuple[list[int], list]:
@@ -73,21 +69,19 @@ def _count_layer_calls(model) -> tuple[list[int], list]:
     return calls, hooks
 
 
-def test_gradient_checkpointing_recomputes_during_training(engine_run):
+def test_gradient_checkpointing_recomputes_during_training(trained):
     from cat_ds.engine.model import gradient_checkpointing_active
 
-    cfg, engine, batches, tok, info = engine_run
-    model = engine.module
-    n_layers, accum = len(model.model.layers), cfg.train.grad_accum
+    model = trained.engine.module
+    n_layers, accum = len(model.model.layers), trained.cfg.train.grad_accum
     assert model.training and gradient_checkpointing_active(model)
-    loop = _loop(cfg, engine, batches, tok, info)
     calls, hooks = _count_layer_calls(model)
     try:
-        loop.train_step(0, False)
+        trained.train_step(0)
         assert calls[0] == 2 * n_layers * accum  # forward + recomputation in backward, per micro-batch
         model.activation_checkpointing_disable()
         calls[0] = 0
-        loop.train_step(1, False)
+        trained.train_step(1)
         assert calls[0] == n_layers * accum  # control: without checkpointing, one call per layer
     finally:
         for h in hooks:
@@ -98,16 +92,15 @@ def test_gradient_checkpointing_recomputes_during_training(engine_run):
     model.train()
 
 
-def test_export_round_trip_logits_equal(engine_run, tmp_path):
+def test_export_round_trip_logits_equal(trained, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from cat_ds.engine.checkpoint import checkpoint_root
     from cat_ds.engine.export import export_checkpoint
 
-    cfg, engine, batches, tok, info = engine_run
-    loop = _loop(cfg, engine, batches, tok, info, total=3)
-    assert loop.run(start_step=2) == "finished"  # one more step, then the final checkpoint
-    batch = batches.step(0)[0]
+    cfg, engine = trained.cfg, trained.engine
+    assert trained.train(start_step=2) == "finished"  # one more step (of 3), then the final checkpoint
+    batch = trained.batches.step(0)[0]
     engine.module.eval()
     with torch.no_grad():
         ref = engine.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -141,14 +134,13 @@ def test_grad_accum_1x4_equals_4x1_global_normalization(tmp_path, stg_dir, stg_h
     normalisation is off by 1e-4..5e-3 on this mixed STG + STG_H data."""
     runs = {}
     for name, micro, accum, norm in (("m4a1", 4, 1, "global"), ("m1a4", 1, 4, "global"), ("m1a4_micro", 1, 4, "micro")):
-        cfg, engine, batches, tok, info = _engine(
+        trainer = _trainer(
             tmp_path, name, stg_dir, bpe_tokenizer, dist,
             # STG + STG_H mixed: micro-batches differ in supervised rows and answer tokens.
             data={"train": [str(stg_dir / "train.jsonl"), str(stg_h_dir / "train.jsonl")], "max_length": 256},
             train={"micro_batch_size": micro, "grad_accum": accum, "max_steps": 5, "lm_normalization": norm},
             cat={"enabled": True, "heads": 2, "normalization": norm})
-        loop = _loop(cfg, engine, batches, tok, info, total=5)
-        runs[name] = [loop.train_step(s, False) for s in range(5)]
+        runs[name] = [trainer.train_step(s).metrics for s in range(5)]
     assert any(r["cat_loss"] != 0 for r in runs["m4a1"])
     for a, b in zip(runs["m1a4"], runs["m4a1"]):
         for k in ("loss", "lm_loss", "cat_loss", "grad_norm", "lr", "attn_ratio"):
@@ -164,9 +156,9 @@ def test_cat_granularity_reaches_the_loss(tmp_path, stg_dir, bpe_tokenizer, dist
     batch) gives the same LM loss and a different Re-Attention loss per head than averaged."""
     first = {}
     for gran in ("all", "head"):
-        cfg, engine, batches, tok, info = _engine(tmp_path, gran, stg_dir, bpe_tokenizer, dist,
-                                                  train={"max_steps": 1}, cat={"enabled": True, "granularity": gran})
-        first[gran] = _loop(cfg, engine, batches, tok, info, total=1).train_step(0, False)
+        trainer = _trainer(tmp_path, gran, stg_dir, bpe_tokenizer, dist,
+                           train={"max_steps": 1}, cat={"enabled": True, "granularity": gran})
+        first[gran] = trainer.train_step(0).metrics
     assert first["all"]["lm_loss"] == pytest.approx(first["head"]["lm_loss"], rel=1e-6)
     assert first["all"]["cat_loss"] != 0 and first["head"]["cat_loss"] != 0
     # Near-uniform attention at init: the two differ by ~1e-5, far above float32 noise (~1e-7) on
@@ -182,14 +174,13 @@ def test_answer_only_logits_same_losses_and_gradients(tmp_path, stg_dir, bpe_tok
         (tmp_path / norm).mkdir()
         runs = {}
         for keep in (True, False):
-            cfg, engine, batches, tok, info = _engine(
+            trainer = _trainer(
                 tmp_path / norm, f"keep_{keep}", stg_dir, bpe_tokenizer, dist,
                 train={"max_steps": 3, "grad_accum": 2, "micro_batch_size": 4, "lm_normalization": norm},
                 cat={"enabled": True})
-            loop = _loop(cfg, engine, batches, tok, info)
-            assert loop.keep_logits  # Llama's forward takes the mask: the fast path is the one tested
-            loop.keep_logits = keep
-            runs[keep] = [loop.train_step(s, False) for s in range(3)]
+            assert trainer.keep_logits  # Llama's forward takes the mask: the fast path is the one tested
+            trainer.keep_logits = keep
+            runs[keep] = [trainer.train_step(s).metrics for s in range(3)]
         for a, b in zip(runs[True], runs[False]):
             for k in ("loss", "lm_loss", "cat_loss", "grad_norm"):
                 assert math.isclose(a[k], b[k], rel_tol=2e-5, abs_tol=1e-7), (norm, k, a[k], b[k])

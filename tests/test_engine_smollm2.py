@@ -34,7 +34,7 @@ def runs(tmp_path_factory, stg_dir, smol_cache):
     assert ref.returncode == 0, tail(ref)
     cut_cfg = write_config(tmp, "cut", **common)
     # SIGTERM before step 3: it finishes step 3, saves, exits 0.
-    first = launch(cut_cfg, 2, env={**env, "CAT_DS_TEST_SIGNAL_AT": f"2:{int(signal.SIGTERM)}"},
+    first = launch(cut_cfg, 2, env={**env, "CAT_DS_TEST_FAULTS": f"signal_at=2:{int(signal.SIGTERM)}"},
                    launcher="torchrun", timeout=600)
     assert first.returncode == 0 and "stop signal received" in first.stdout, tail(first)
     second = launch(cut_cfg, 2, "--resume", "auto", env=env, launcher="torchrun", timeout=600)

@@ -74,7 +74,7 @@ def test_sigkill_then_resume_is_bit_exact(reference, stg_dir, tok_dir):
     tmp, _, ref = reference
     cfg = write_config(tmp, "killed", stg_dir=stg_dir, tokenizer_dir=tok_dir,
                        train={"max_steps": 8, "save_every": 3, "keep_last": 2})
-    p = launch(cfg, 2, env={"CAT_DS_TEST_SIGKILL_AT": "5"})  # rank 0 SIGKILLs itself entering step 5
+    p = launch(cfg, 2, env={"CAT_DS_TEST_FAULTS": "sigkill_at=5"})  # rank 0 SIGKILLs itself entering step 5
     assert p.returncode != 0, tail(p)
     assert [r["step"] for r in metrics(tmp / "killed")] == [1, 2, 3, 4, 5]
     p = launch(cfg, 2, "--resume", "auto", launcher="torchrun")
@@ -87,7 +87,7 @@ def test_kill_during_checkpoint_write_keeps_previous(reference, stg_dir, tok_dir
     tmp, _, ref = reference
     cfg = write_config(tmp, "savekill", stg_dir=stg_dir, tokenizer_dir=tok_dir,
                        train={"max_steps": 8, "save_every": 3, "keep_last": 2})
-    p = launch(cfg, 2, env={"CAT_DS_TEST_KILL_IN_SAVE": "6"})  # SIGKILL after shards are written, before commit
+    p = launch(cfg, 2, env={"CAT_DS_TEST_FAULTS": "kill_in_save=6"})  # SIGKILL after shards are written, before commit
     assert p.returncode != 0, tail(p)
     ck = tmp / "savekill" / "checkpoints"
     assert (ck / "latest").read_text() == "step_00000003"
@@ -101,7 +101,7 @@ def test_kill_during_checkpoint_write_keeps_previous(reference, stg_dir, tok_dir
 
 def test_one_failing_rank_stops_every_rank(tmp_path, stg_dir, tok_dir):
     cfg = write_config(tmp_path, "fail", stg_dir=stg_dir, tokenizer_dir=tok_dir, train={"max_steps": 50})
-    p = launch(cfg, 2, env={"CAT_DS_TEST_RAISE_AT": "1:2"}, timeout=240, launcher="torchrun")
+    p = launch(cfg, 2, env={"CAT_DS_TEST_FAULTS": "raise_at=1:2"}, timeout=240, launcher="torchrun")
     assert p.returncode != 0, tail(p)
     assert "rank 1 fails at step 2" in p.stderr + p.stdout
     assert len(metrics(tmp_path / "fail")) < 50
@@ -110,7 +110,7 @@ def test_one_failing_rank_stops_every_rank(tmp_path, stg_dir, tok_dir):
 def test_sigterm_saves_and_exits_cleanly(tmp_path, stg_dir, tok_dir):
     cfg = write_config(tmp_path, "term", stg_dir=stg_dir, tokenizer_dir=tok_dir, train={"max_steps": 50})
     # The test hook sends SIGTERM to this rank's own process at step 3, like Slurm would to every task.
-    p = launch(cfg, 1, env={"CAT_DS_TEST_SIGNAL_AT": f"3:{int(signal.SIGTERM)}"}, launcher="torchrun")
+    p = launch(cfg, 1, env={"CAT_DS_TEST_FAULTS": f"signal_at=3:{int(signal.SIGTERM)}"}, launcher="torchrun")
     assert p.returncode == 0, tail(p)
     assert "stop signal received" in p.stdout
     ck = tmp_path / "term" / "checkpoints"
@@ -172,11 +172,11 @@ def test_cli_shows_the_first_failing_ranks_error_once(tmp_path, stg_dir, tok_dir
     cfg = write_config(tmp_path, "f", stg_dir=stg_dir, tokenizer_dir=tok_dir, train={"max_steps": 20})
     p = subprocess.run([str(Path(sys.executable).with_name("cat-ds")), "train", str(cfg), "--nproc", "2",
                         "--ds-config", "zero2"], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "CAT_DS_TEST_RAISE_AT": "1:1"})
+                       env={**os.environ, "CAT_DS_TEST_FAULTS": "raise_at=1:1"})
     assert p.returncode != 0
     err = p.stderr
-    assert err.count("RuntimeError: CAT_DS_TEST_RAISE_AT: rank 1 fails at step 1") == 2, err  # traceback + summary
-    assert err.strip().splitlines()[-1] == "cat-ds: rank 1 failed: RuntimeError: CAT_DS_TEST_RAISE_AT: rank 1 fails at step 1"
+    assert err.count("RuntimeError: CAT_DS_TEST_FAULTS raise_at: rank 1 fails at step 1") == 2, err  # traceback + summary
+    assert err.strip().splitlines()[-1] == "cat-ds: rank 1 failed: RuntimeError: CAT_DS_TEST_FAULTS raise_at: rank 1 fails at step 1"
     assert "ChildFailedError" not in err and "Connection reset" not in err  # rank 0 may print "[rank 0] stopped"
 
 

@@ -32,8 +32,15 @@ def test_evaluator_sets_predictions_best(trained, bpe_tokenizer, tmp_path):
     assert m["eval/iid/n"] == 12 and m["eval/ood/n"] == 10
     assert m["eval/iid/accuracy"] == out.results["iid"].accuracy == m["eval/iid/correct"] / 12
     assert {f"probe/attn_ratio/layer_{i}" for i in range(3)} | {"probe/attn_ratio"} <= set(m)
-    assert [p.name for p in out.files] == ["iid.jsonl", "ood.jsonl"]
+    assert [p.name for p in out.files[:2]] == ["iid.jsonl", "ood.jsonl"]
     assert out.files[0].parent == tmp_path / "eval" / "step_30"
+    # Then the attention pictures of 4 sampled records per set (attention_map), returned for the trainer to log.
+    step_dir = tmp_path / "eval" / "step_30" / "attention"
+    pictures = {str(f.relative_to(step_dir)) for f in out.files[2:]}
+    for name in ("iid", "ood"):
+        assert {f"{name}_shares.png", f"{name}_attention.html", f"{name}_attention.json"} <= pictures
+        assert len([f for f in pictures if f.startswith(f"{name}_record_")]) == 4
+    assert all(f.is_file() for f in out.files)
     lines = [json.loads(x) for x in out.files[1].read_text().splitlines()]
     assert len(lines) == 10 and set(lines[0]) == {"input", "target", "prediction", "correct"}
     assert [x["correct"] for x in lines] == [p.correct for p in out.results["ood"].predictions]

@@ -120,3 +120,14 @@ def test_unreadable_files_are_one_line_naming_them(tmp_path, good_data):
     for where in (f"{data}: cannot read this file: Input/output error", f"{tmp_path / 'latin1.jsonl'}: cannot read "
                   "this file: 'utf-8' codec can't decode", "iid.jsonl:1: target"):
         assert where in p.stderr, p.stderr
+
+
+def test_a_degenerate_schedule_is_one_line_before_any_rank(tmp_path):
+    """16 x 4 records per step (the default batch) from 50 records: no step per epoch; 30 per step:
+    40 % dropped each epoch. Both before the ranks (no run directory, no traceback)."""
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"input": f"a{i} ", "target": "b"}) + "\n"
+                                                  for i in range(50)))
+    err = _train(tmp_path)
+    assert "schedule at world size 1: an epoch has no optimizer step: 50 training records < global batch 64" in err
+    err = _train(tmp_path, args=("--set", "train.micro_batch_size=30", "--set", "train.grad_accum=1"))
+    assert "20 of 50 training records (40 %) are dropped every epoch" in err and len(err.strip().splitlines()) == 1

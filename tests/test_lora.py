@@ -83,7 +83,7 @@ def _ref_cut_resume(tmp, common, ds_config, env=None):
     ref = launch(write_config(tmp, "ref", **common), 2, launcher="torchrun", ds_config=ds_config, env=env, timeout=600)
     assert ref.returncode == 0, tail(ref)
     cut_cfg = write_config(tmp, "cut", **common)
-    first = launch(cut_cfg, 2, env={**env, "CAT_DS_TEST_SIGNAL_AT": f"2:{int(signal.SIGTERM)}"}, launcher="torchrun",
+    first = launch(cut_cfg, 2, env={**env, "CAT_DS_TEST_FAULTS": f"signal_at=2:{int(signal.SIGTERM)}"}, launcher="torchrun",
                    ds_config=ds_config, timeout=600)
     assert first.returncode == 0 and "stop signal received" in first.stdout, tail(first)
     second = launch(cut_cfg, 2, "--resume", "auto", launcher="torchrun", ds_config=ds_config, env=env, timeout=600)

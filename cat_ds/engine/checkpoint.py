@@ -20,13 +20,12 @@ import os
 import random
 import re
 import shutil
-import signal
 from pathlib import Path
 
 import torch
 
 from cat_ds.engine.distributed import barrier
-from cat_ds.engine.preflight import checkpoint_root  # noqa: F401  (re-exported: one owner)
+from cat_ds.engine.ds_config import checkpoint_root  # noqa: F401  (re-exported: one owner)
 
 TAG_RE = re.compile(r"^step_(\d+)$")
 COMPLETE = "COMPLETE"
@@ -85,8 +84,9 @@ def complete_tags(root: Path) -> list[str]:
 
 
 def save(engine, output_dir: str | Path, *, step: int, client_state: dict, rank: int, keep_last: int,
-         hf_files=None) -> str:
-    """Collective: every rank calls it. Returns the tag. `hf_files(dir)` writes config/tokenizer (rank 0)."""
+         hf_files=None, faults=None) -> str:
+    """Collective: every rank calls it. Returns the tag. `hf_files(dir)` writes config/tokenizer (rank 0).
+    `faults` (engine/faults.py, tests only): may kill this process between writing and committing."""
     root = checkpoint_root(output_dir)
     tag = tag_for(step)
     if rank == 0:
@@ -106,8 +106,8 @@ def save(engine, output_dir: str | Path, *, step: int, client_state: dict, rank:
         (root / tag / "client_state.json").write_text(json.dumps(client_state, indent=1) + "\n")
         if hf_files is not None:
             hf_files(root / tag / "hf")
-    if os.environ.get("CAT_DS_TEST_KILL_IN_SAVE") == str(step) and rank == 0:
-        os.kill(os.getpid(), signal.SIGKILL)  # test hook: die with the files written but not committed
+    if faults is not None:
+        faults.in_save(step, rank)
     barrier()  # every rank's shards are on disk
     if rank == 0:
         _write_atomic(root / tag / COMPLETE, "")

@@ -20,6 +20,7 @@ import torch
 from cat_ds.data.collate import CatCollator
 from cat_ds.data.records import CatRecord, expand_paths, load_records
 from cat_ds.data.spans import tokenize_example
+from cat_ds.schedule import Schedule
 
 TOKENIZE_VERSION = 1  # bump when spans/tokenisation semantics change (invalidates the cache)
 def _fingerprint(files: list, tokenizer, max_length: int, min_gap: int, chat_template: bool = False,
@@ -76,16 +77,17 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 class StepBatches:
-    """This rank's micro-batches for any optimizer step (see the module docstring)."""
+    """This rank's micro-batches for any optimizer step (see the module docstring). The schedule
+    (cat_ds/schedule.py) owns the global batch and steps per epoch, and was checked before any rank
+    started."""
 
-    def __init__(self, dataset, collator: CatCollator, *, micro: int, accum: int, world: int, rank: int, seed: int):
-        self.ds, self.collate = dataset, collator
-        self.micro, self.accum, self.world, self.rank, self.seed = micro, accum, world, rank, seed
-        self.global_batch = micro * accum * world
-        self.steps_per_epoch = len(dataset) // self.global_batch
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"the training set has {len(dataset)} examples, fewer than one optimizer step's "
-                             f"global batch (micro {micro} x accum {accum} x world {world} = {self.global_batch})")
+    def __init__(self, dataset, collator: CatCollator, schedule: Schedule, *, rank: int, seed: int):
+        if len(dataset) != schedule.num_records:  # a schedule computed for other data: a bug, not bad input
+            raise ValueError(f"schedule is for {schedule.num_records} records, the dataset has {len(dataset)}")
+        self.ds, self.collate, self.schedule = dataset, collator, schedule
+        self.micro, self.accum, self.world = schedule.micro_batch, schedule.grad_accum, schedule.world_size
+        self.rank, self.seed = rank, seed
+        self.global_batch, self.steps_per_epoch = schedule.global_batch, schedule.steps_per_epoch
         self._perm: tuple[int, torch.Tensor] | None = None
 
     def position(self, step: int) -> tuple[int, int]:

@@ -2,19 +2,22 @@
 
 Works under `deepspeed` (RANK/LOCAL_RANK/WORLD_SIZE + `--local_rank`), `torchrun`, Slurm
 `srun` (SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS) and a bare `python` (one rank on a free
-port). gloo on CPU, nccl on GPU.
+port). gloo on CPU, nccl on GPU; `CAT_DS_DEVICE=cpu` keeps a GPU machine on CPU/gloo (engine/device.py).
 
 Failure policy: a rank that raises prints its traceback and exits non-zero *without* waiting
 for the others (os._exit after tearing down), so the launcher (deepspeed/torchrun/srun) sees
 the failure and kills the remaining ranks; a rank blocked in a collective with a dead peer
 gets a gloo connection error, and at worst the collective timeout (CAT_DS_DIST_TIMEOUT,
-default 600 s) bounds everything. Nothing hangs forever.
+default 600 s) bounds everything. Joining the group is bounded apart (CAT_DS_RDZV_TIMEOUT,
+default 60 s): a rank that cannot reach the head node says so in one line. Nothing hangs forever.
 """
 from __future__ import annotations
 
 import datetime
 import os
+import re
 import socket
+import subprocess
 import sys
 import traceback
 import warnings
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cat_ds.engine.device import device_choice, device_env, pick
 from cat_ds.engine.preflight import threads_per_rank
 
 # DeepSpeed 0.19's ZeRO-3 calls torch collectives that torch 2.13 deprecates: one
@@ -49,12 +53,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# The rendezvous port of a Slurm job: derived from the job id, so two jobs sharing a node do not
+# collide and a requeued job (same id) reuses it. slurm/train_cat.sbatch applies the same rule.
+JOB_PORT_BASE, JOB_PORT_SPAN = 20000, 20000
+RDZV_TIMEOUT_S = 60  # joining the process group; CAT_DS_RDZV_TIMEOUT overrides
+
+
+def job_port(job_id: str | int) -> int:
+    return JOB_PORT_BASE + int(job_id) % JOB_PORT_SPAN
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list ("node[01-04,7],gpu1" -> "node01"): `scontrol show
+    hostnames` where Slurm's clients are installed, else the common forms parsed here."""
+    try:
+        r = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10)
+        if r.returncode == 0 and r.stdout.split():
+            return r.stdout.split()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    m = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?([^,]*)", nodelist.strip())
+    prefix, ranges, suffix = m.groups()
+    return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "") + suffix
+
+
 def _fill_env() -> None:
-    """Make RANK/WORLD_SIZE/MASTER_* exist (else DeepSpeed falls back to MPI discovery)."""
+    """Make RANK/WORLD_SIZE/MASTER_* exist (else DeepSpeed falls back to MPI discovery).
+
+    Under a direct `srun python -m cat_ds.train` (no torchrun), Slurm's variables say it all: task
+    0 runs on the first host of the step, which hosts the store on the job's port."""
     env = os.environ
     if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
         env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+        if nodes and "MASTER_ADDR" not in env:
+            env["MASTER_ADDR"] = first_host(nodes)
+        if "SLURM_JOB_ID" in env:
+            env.setdefault("MASTER_PORT", str(job_port(env["SLURM_JOB_ID"])))
     if "RANK" not in env:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         env.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -101,25 +137,65 @@ def tune_cpu_process() -> None:
             pass
 
 
+def _use_cpu_accelerator(choice: str) -> None:
+    """CAT_DS_DEVICE=cpu in a process whose DeepSpeed already picked CUDA (imported before the
+    choice was exported): switch it, or DeepSpeed would move the model to a GPU."""
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+
+    if choice == "cpu" and get_accelerator().device_name() != "cpu":
+        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+        set_accelerator(CPU_Accelerator())
+
+
 def init_distributed(timeout_s: float | None = None) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (idempotent) and return this rank's info."""
+    choice = device_choice()  # CAT_DS_DEVICE: auto | cpu | cuda (engine/device.py)
+    os.environ.update(device_env(choice))  # before DeepSpeed picks its accelerator (at import)
     import deepspeed
 
+    _use_cpu_accelerator(choice)
     _fill_env()
     timeout_s = float(os.environ.get("CAT_DS_DIST_TIMEOUT", timeout_s or 600))
-    on_gpu = torch.cuda.is_available()
+    rdzv_s = float(os.environ.get("CAT_DS_RDZV_TIMEOUT", RDZV_TIMEOUT_S))
+    on_gpu = pick(torch.cuda.is_available()) == "cuda"
     local_rank = int(os.environ["LOCAL_RANK"])
     if on_gpu:
         torch.cuda.set_device(local_rank)
     else:
         tune_cpu_process()
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
-                                   timeout=datetime.timedelta(seconds=timeout_s))
+        _join(deepspeed, "nccl" if on_gpu else "gloo", rdzv_s, timeout_s)
     rank = torch.distributed.get_rank()
     _abort_on_exception(rank)
     device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
     return DistInfo(rank, local_rank, torch.distributed.get_world_size(), device)
+
+
+def _join(deepspeed, backend: str, rdzv_s: float, timeout_s: float) -> None:
+    """Join the process group within `rdzv_s` (a rank that cannot reach the store, or a rank that never
+    comes, fails it), then give collectives `timeout_s`. A peer whose process dies mid-collective
+    closes its gloo sockets, which fails the collective at once; the timeout bounds a silent loss.
+    Failure: one line naming the address and the variables to set, and exit (nothing to tear down)."""
+    env = os.environ
+    try:
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=rdzv_s))
+    except Exception as e:  # noqa: BLE001  (store timeout, refused connection, unknown interface, ...)
+        ifnames = ", ".join(f"{k}={env[k]}" for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if k in env)
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        sys.stderr.write(
+            f"cat-ds: rank {env.get('RANK')} on {socket.gethostname()}: could not join the process group at "
+            f"MASTER_ADDR={env.get('MASTER_ADDR')} MASTER_PORT={env.get('MASTER_PORT')} within {rdzv_s:.0f} s "
+            f"({type(e).__name__}: {first}); set MASTER_ADDR to the head node's address as this host reaches it "
+            f"and GLOO_SOCKET_IFNAME (CPU) / NCCL_SOCKET_IFNAME (GPU) to the interface of the network the nodes "
+            f"share ({ifnames or 'neither is set'}; CAT_DS_RDZV_TIMEOUT={rdzv_s:.0f})\n")
+        sys.stderr.flush()
+        os._exit(1)
+    try:
+        from torch.distributed.distributed_c10d import _set_pg_timeout  # private API, hence guarded
+    except ImportError:  # a torch without it: collectives keep the rendezvous timeout
+        return
+    _set_pg_timeout(datetime.timedelta(seconds=timeout_s), None)
 
 
 def barrier() -> None:

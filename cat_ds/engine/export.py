@@ -17,6 +17,17 @@ import torch
 from cat_ds.engine.checkpoint import resolve
 
 
+def write_hf_files(module, tokenizer, directory: str | Path) -> None:
+    """What export needs besides the weights, written into each checkpoint: the model config (training
+    dtype), the tokenizer and, with LoRA, the adapter config (which names the frozen base)."""
+    from cat_ds.engine.lora import is_peft, save_adapter_config
+
+    module.config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    if is_peft(module):
+        save_adapter_config(module, directory)
+
+
 def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

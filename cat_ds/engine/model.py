@@ -9,12 +9,15 @@ weights, whatever the world size).
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import torch
 
 from cat_ds.choices import uses_bf16
 from cat_ds.config import Config, ConfigError
+from cat_ds.engine.ds_config import zero_stage
 
 
 def model_dtype(cfg: Config, on_gpu: bool) -> torch.dtype:
@@ -59,6 +62,18 @@ def load_tokenizer(cfg: Config):
     return _load(cfg.model.tokenizer or model_source(cfg))
 
 
+def _load_flash() -> bool:
+    """Import flash-attn now, not at the first forward: a broken install is one warning line (rank 0)
+    here, and "cat_sdpa" runs PyTorch's SDPA instead. True when flash-attn is in use."""
+    from cat_ds.reattention.attention import load_flash
+
+    flash = load_flash()
+    if not callable(flash) and int(os.environ.get("RANK", "0")) == 0:
+        print(f"[cat-ds] warning: {flash}: attention runs on PyTorch SDPA (slower, more memory at long "
+              "sequences); see scripts/setup_venv.sh", file=sys.stderr, flush=True)
+    return callable(flash)
+
+
 def build_model(cfg: Config, ds_config: dict, *, on_gpu: bool, vocab_size: int | None = None):
     """Create the model (sharded at birth under ZeRO-3), in train mode. Returns (model, hf_ds_config);
     keep the second alive as long as the model (transformers reads it through a weak reference)."""
@@ -69,8 +84,7 @@ def build_model(cfg: Config, ds_config: dict, *, on_gpu: bool, vocab_size: int |
     from cat_ds.reattention import check_gradient_checkpointing
 
     dtype = model_dtype(cfg, on_gpu)
-    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    hf_ds = HfDeepSpeedConfig(ds_config) if stage == 3 else None
+    hf_ds = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
     torch.manual_seed(cfg.train.seed)  # random init is a function of the seed only
     if cfg.model.config:
         mcfg = load_model_config(cfg)
@@ -80,6 +94,8 @@ def build_model(cfg: Config, ds_config: dict, *, on_gpu: bool, vocab_size: int |
     else:
         model = AutoModelForCausalLM.from_pretrained(model_source(cfg), dtype=dtype)
     model.set_attn_implementation(cfg.model.attn_implementation)
+    if on_gpu and dtype != torch.float32 and cfg.model.attn_implementation == "cat_sdpa":  # flash: half only
+        _load_flash()
     model.config.use_cache = False
     if cfg.model.lora is not None:
         from cat_ds.engine.lora import apply_lora
@@ -97,3 +113,17 @@ def build_model(cfg: Config, ds_config: dict, *, on_gpu: bool, vocab_size: int |
 def gradient_checkpointing_active(model) -> bool:
     """True when some module will really checkpoint in the next forward (enabled and training)."""
     return any(getattr(m, "gradient_checkpointing", False) and m.training for m in model.modules())
+
+
+def describe(model, *, zero_stage: int, world_size: int, lora) -> list[str]:
+    """What rank 0 says about the model it built: sizes (under ZeRO-3 each rank holds ~1/world of
+    every parameter from birth, zero.Init), checkpointing, LoRA's trainable share."""
+    n_all = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    n_here = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+    lines = [f"model: {n_all:,} parameters; rank 0 holds {n_here:,} after loading (ZeRO stage {zero_stage}, world "
+             f"{world_size}; activation checkpointing {'on' if gradient_checkpointing_active(model) else 'off'})"]
+    if lora is not None:
+        n_train = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+        lines.append(f"LoRA r={lora.r} on {', '.join(lora.target_modules)}: {n_train:,} trainable parameters "
+                     f"({100 * n_train / n_all:.2f} %)")
+    return lines

@@ -9,7 +9,9 @@
 Returns results, never logs. Metrics: `eval/<set>/accuracy`, `eval/<set>/n`,
 `eval/<set>/correct` for every named set (`iid`, `ood`, ...) and, with a probe set, the
 per-layer attention ratio (`probe/attn_ratio/layer_<l>`, see probe.py). Predictions (input,
-target, prediction, correct) go to `<out_dir>/eval/step_<step>/<set>.jsonl` (rank 0 only).
+target, prediction, correct) go to `<out_dir>/eval/step_<step>/<set>.jsonl` and the attention
+pictures of `attention_records` sampled records per set to `<out_dir>/eval/step_<step>/attention/<set>_*`
+(rank 0 only; see attention_map.py).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class Evaluator:
         max_length: int | None = 256,
         best_metric: str | None = None,
         best_mode: str = "max",
+        attention_records: int = 4,
     ):
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode: expected 'max' or 'min', got {best_mode!r}")
@@ -73,6 +76,7 @@ class Evaluator:
         self.best_metric = best_metric
         self.best_mode = best_mode
         self.best_value: float | None = None
+        self.attention_records = attention_records  # per set, drawn at every evaluation (attention_map)
 
     @classmethod
     def from_config(cls, cfg, tokenizer, train_examples: Sequence | None = None) -> "Evaluator | None":
@@ -101,7 +105,8 @@ class Evaluator:
                    max_new_tokens=ev.max_new_tokens, stop_at_newline=getattr(ev, "newline_cut", None),
                    probe_records=probe, probe_examples=train_examples, probe_size=probe_size,
                    max_length=cfg.data.max_length,
-                   best_metric=getattr(ev, "best_metric", None), best_mode=getattr(ev, "best_mode", "max"))
+                   best_metric=getattr(ev, "best_metric", None), best_mode=getattr(ev, "best_mode", "max"),
+                   attention_records=getattr(ev, "attention_records", 4))
 
     def __call__(self, model, step: int, *, rank: int | None = None, world_size: int | None = None) -> EvalOutput:
         import torch.distributed as dist
@@ -128,7 +133,28 @@ class Evaluator:
             from cat_ds.evaluation.probe import probe_attention
 
             metrics.update(probe_attention(model, self.probe))
+        if self.attention_records:
+            files += self._attention(model, step, rank)
         return EvalOutput(metrics, results, files, self._update_best(metrics))
+
+    def _attention(self, model, step: int, rank: int) -> list[Path]:
+        """Where each set's first sampled records look (`cat-ds attention` for this model); every rank
+        measures (ZeRO-3 forwards are collective), rank 0 draws and returns the files."""
+        from cat_ds.data.records import CatRecord, parse_record
+        from cat_ds.evaluation.attention_map import AttentionTable, add_model, sample_indices
+
+        files: list[Path] = []
+        for name, recs in self.sets.items():
+            sample = [(i, recs[i] if isinstance(recs[i], CatRecord) else parse_record(recs[i], f"{name}[{i}]: "))
+                      for i in sample_indices(len(recs), self.attention_records)]
+            table = AttentionTable()
+            add_model(table, f"step {step}", model, self.tokenizer, sample)
+            if rank == 0 and table.records:
+                from cat_ds.tracking.attention_plots import draw
+
+                # One folder, the set in each name: a trainer may log every file into one artifact folder.
+                files += draw(table, self.out_dir / "eval" / f"step_{step}" / "attention", prefix=f"{name}_")
+        return files
 
     def _update_best(self, metrics: Mapping[str, Any]) -> bool:
         if self.best_metric is None:

@@ -13,6 +13,7 @@ result is identical on every rank.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Sequence
 
 import torch
@@ -57,26 +58,36 @@ def probe_batch(tokenizer, records: Sequence, max_length: int | None = 256, limi
     return CatCollator(pad)(exs)
 
 
+@contextmanager
+def measuring(model):
+    """The model in eval mode with the "cat_sdpa" attention function (which measures the mass on
+    a context's columns), both restored afterwards. Used by the probe and by attention_map."""
+    from cat_ds.reattention import NAME
+
+    previous = model.config._attn_implementation
+    was_training = model.training
+    model.eval()
+    if previous != NAME:
+        model.set_attn_implementation(NAME)
+    try:
+        yield model
+    finally:
+        if previous != NAME:
+            model.set_attn_implementation(previous)
+        model.train(was_training)
+
+
 @torch.no_grad()
 def probe_attention(model, batch: dict, prefix: str = "probe/attn_ratio") -> dict[str, float]:
-    from cat_ds.reattention import NAME, CatContext
+    from cat_ds.reattention import CatContext
 
     cfg = model.config
     layers = list(range(cfg.num_hidden_layers))
     device = model.device
     batch = {k: v.to(device) for k, v in batch.items()}
     ctx = CatContext.from_batch(batch, layers=layers, num_heads=cfg.num_attention_heads)
-    previous = cfg._attn_implementation
-    was_training = model.training
-    model.eval()
-    if previous != NAME:
-        model.set_attn_implementation(NAME)
-    try:
+    with measuring(model):
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], cat=ctx)
-    finally:
-        if previous != NAME:
-            model.set_attn_implementation(previous)
-        model.train(was_training)
     n_c = ctx.col_counts().to(device)
     n_n = ctx.cat_rows[:, 1].to(device) + 1 - n_c
     counted = (n_c >= 1) & (n_n >= 1)

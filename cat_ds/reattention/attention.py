@@ -13,8 +13,11 @@ CAT side: when the call carries ``cat=CatContext`` with supervised rows and this
 selected, recompute the scores of the supervised rows of the selected heads against their keys
 k <= q: per sample one batched matmul (B, h, Rmax, D) x (B, h, D, T) -> (B, h, Rmax, T), chunked
 over rows, logsumexp over the allowed keys, and the probability mass on the row's causal columns
-C = sum_{k in C} exp(score - lse). Memory O(rows x heads x T); never T x T. Gradients reach the
-queries and keys. The result OVERWRITES ``ctx.mass[layer_idx]`` (see context.py).
+C = sum_{k in C} exp(score - lse), in float32 for half inputs. Memory O(rows x heads x T); never
+T x T, and nothing of that size is kept for backward: a custom autograd function saves only the
+query and key (which the kernel saves anyway) and its backward recomputes the rows' scores.
+The result OVERWRITES ``ctx.mass[layer_idx]`` in the forward pass; a checkpoint recomputation
+in backward writes nothing (see context.py).
 Attention dropout is not applied to the mass (the Llama/Qwen2 default dropout is 0).
 """
 from __future__ import annotations
@@ -29,11 +32,29 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 from .context import CatContext
 
 NAME = "cat_sdpa"
-_HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
+_FLASH = None  # flash_attn_func once load_flash() imported it, or a str: why it is not usable
+
+
+def load_flash():
+    """Import flash-attn once: its `flash_attn_func`, or a str saying why not (SDPA runs instead).
+    The engine calls it when it builds the model, so a broken install shows before the first step."""
+    global _FLASH
+    if _FLASH is None:
+        if importlib.util.find_spec("flash_attn") is None:
+            _FLASH = "flash-attn is not installed"
+        else:
+            try:
+                from flash_attn import flash_attn_func  # handles GQA natively
+
+                _FLASH = flash_attn_func
+            except Exception as e:  # ImportError, or undefined symbols: built against another torch/CUDA
+                _FLASH = f"flash-attn does not import ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return _FLASH
 
 
 def _flash_usable(query: torch.Tensor) -> bool:
-    return _HAS_FLASH and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= 256
+    return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= 256
+            and callable(load_flash()))
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -48,10 +69,8 @@ def attention_output(query, key, value, attention_mask, dropout: float, scaling:
     q_len, k_len = query.shape[2], key.shape[2]
     n_rep = query.shape[1] // key.shape[1]
     if attention_mask is None and q_len == k_len and _flash_usable(query):
-        from flash_attn import flash_attn_func  # handles GQA natively
-
-        return flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                               dropout_p=dropout, softmax_scale=scaling, causal=True)
+        return load_flash()(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                            dropout_p=dropout, softmax_scale=scaling, causal=True)
     mask, is_causal = attention_mask, False
     if mask is None and q_len == k_len:
         is_causal = q_len > 1
@@ -69,55 +88,136 @@ def attention_output(query, key, value, attention_mask, dropout: float, scaling:
     return out.transpose(1, 2).contiguous()
 
 
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward pass on this thread: an attention call then is
+    a non-reentrant checkpoint recomputation (the loss was built before backward started, so what it
+    computes can never feed it). FSDP2 and torch's ModuleTracker use the same test."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class _Rows:
+    """The scores of the supervised rows of one layer's selected heads, chunked over row slots.
+
+    Queries/keys are taken in float32 for half inputs (as eager's softmax), so the score matmul
+    itself runs in float32: only rows x heads x T, cheap. Holds no CatContext (see _CausalMass)."""
+
+    def __init__(self, query, key, idx, heads, key_valid, chunk_elems: int, scaling: float):
+        bsz, n_heads, seq, _ = query.shape
+        self.bsz, self.n_heads, self.n_kv, self.seq = bsz, n_heads, key.shape[1], seq
+        self.n_rep, self.idx, self.key_valid, self.scaling = n_heads // key.shape[1], idx, key_valid, scaling
+        self.acc = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+        self.heads = None if heads is None else heads.to(query.device)
+        # Queries of the supervised rows, (B, Rmax, H, D): a gather, O(rows x H x D).
+        q_rows = query.transpose(1, 2)[torch.arange(bsz, device=query.device)[:, None], idx.q_pad].to(self.acc)
+        if self.heads is None:
+            self.h = n_heads
+            # Group query heads by their KV head so the matmul reads the KV heads without expanding them.
+            self.q_sel = q_rows.view(bsz, idx.r_max, self.n_kv, self.n_rep, -1).permute(0, 2, 3, 1, 4)  # (B,Hkv,rep,R,D)
+            self.k_sel = key.to(self.acc)
+        else:
+            self.h = self.heads.numel()
+            self.q_sel = q_rows[:, :, self.heads].permute(0, 2, 1, 3)  # (B, h, Rmax, D)
+            self.k_sel = key[:, self.heads // self.n_rep].to(self.acc)  # (B, h, T, D)
+        step = max(1, chunk_elems // max(1, bsz * self.h * seq))
+        self.ranges = [(s0, min(idx.r_max, s0 + step)) for s0 in range(0, idx.r_max, step)]
+
+    def q_chunk(self, s0: int, s1: int) -> torch.Tensor:
+        if self.heads is None:  # (B, Hkv, rep * s, D)
+            return self.q_sel[:, :, :, s0:s1].reshape(self.bsz, self.n_kv, self.n_rep * (s1 - s0), -1)
+        return self.q_sel[:, :, s0:s1]  # (B, h, s, D)
+
+    def nnz(self, s0: int, s1: int):
+        """(batch, slot within the chunk, column, row) of every causal column of the chunk's rows."""
+        idx = self.idx
+        if s0 == 0 and s1 == idx.r_max:  # one chunk (the usual case): every causal column
+            return idx.nnz_b, idx.nnz_slot, idx.cols, idx.nnz_row
+        sel = ((idx.nnz_slot >= s0) & (idx.nnz_slot < s1)).nonzero().squeeze(1)
+        return idx.nnz_b[sel], idx.nnz_slot[sel] - s0, idx.cols[sel], idx.nnz_row[sel]
+
+    def log_probs(self, s0: int, s1: int) -> torch.Tensor:
+        """(B, h, s, T) log-softmax over the allowed keys of each slot (-inf elsewhere)."""
+        scores = torch.matmul(self.q_chunk(s0, s1), self.k_sel.transpose(-1, -2))
+        scores = scores.view(self.bsz, self.h, s1 - s0, self.seq).mul_(self.scaling)
+        scores.masked_fill_(self.idx.blocked_keys(s0, s1, self.key_valid)[:, None], float("-inf"))
+        return scores.sub_(torch.logsumexp(scores, dim=-1, keepdim=True))
+
+
+class _CausalMass(torch.autograd.Function):
+    """mass (R, h) = sum_{k in C} softmax(scores)_k per supervised row and selected head.
+
+    Saves only query and key (the attention kernel saves them anyway: no extra memory); backward
+    recomputes the rows' scores chunk by chunk, so no score tensor lives from forward to backward
+    (with or without checkpointing). d mass / d score_k = p_k (1[k in C] - mass) on allowed keys."""
+
+    @staticmethod
+    def forward(fctx, query, key, spec, skip: bool):
+        idx, heads, key_valid, chunk_elems, scaling, num_rows = spec
+        fctx.spec = spec
+        fctx.save_for_backward(query, key)
+        if skip:  # a checkpoint recomputation: only the saved tensors matter (their number and order)
+            acc = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+            return query.new_zeros((num_rows, query.shape[1] if heads is None else heads.numel()), dtype=acc)
+        rows = _Rows(query, key, idx, heads, key_valid, chunk_elems, scaling)
+        out = torch.zeros((num_rows, rows.h), dtype=rows.acc, device=query.device)
+        for s0, s1 in rows.ranges:
+            nb, ns, nc, nr = rows.nnz(s0, s1)
+            out.index_add_(0, nr, rows.log_probs(s0, s1)[nb, :, ns, nc].exp_())
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(fctx, grad):
+        query, key = fctx.saved_tensors
+        idx, heads, key_valid, chunk_elems, scaling, num_rows = fctx.spec
+        rows = _Rows(query, key, idx, heads, key_valid, chunk_elems, scaling)
+        bsz, h = rows.bsz, rows.h
+        g_pad = torch.zeros((bsz, idx.r_max, h), dtype=rows.acc, device=query.device)
+        g_pad[idx.row_b, idx.slot] = grad.to(rows.acc)
+        dq_sel, dk_sel = torch.zeros_like(rows.q_sel), torch.zeros_like(rows.k_sel)
+        for s0, s1 in rows.ranges:
+            nb, ns, nc, _ = rows.nnz(s0, s1)
+            p = rows.log_probs(s0, s1).exp_()  # (B, h, s, T)
+            pc = p[nb, :, ns, nc]  # (n, h): probabilities on the causal columns
+            g_c = g_pad[nb, ns + s0]  # (n, h)
+            m = torch.zeros((bsz, s1 - s0, h), dtype=rows.acc, device=query.device).index_put_((nb, ns), pc,
+                                                                                                 accumulate=True)
+            ds = p.mul_((m * g_pad[:, s0:s1]).permute(0, 2, 1)[..., None].neg_())  # -p * mass * g
+            ds.permute(0, 2, 3, 1).index_put_((nb, ns, nc), pc * g_c, accumulate=True)  # + p * g on C
+            ds.mul_(scaling)
+            if rows.heads is None:
+                ds = ds.view(bsz, rows.n_kv, rows.n_rep * (s1 - s0), rows.seq)
+                dq_sel[:, :, :, s0:s1] = torch.matmul(ds, rows.k_sel).view(bsz, rows.n_kv, rows.n_rep, s1 - s0, -1)
+            else:
+                dq_sel[:, :, s0:s1] = torch.matmul(ds, rows.k_sel)
+            dk_sel += torch.matmul(ds.transpose(-1, -2), rows.q_chunk(s0, s1))
+        n_heads, dim = rows.n_heads, query.shape[-1]
+        if rows.heads is None:
+            dq_rows = dq_sel.permute(0, 3, 1, 2, 4).reshape(bsz, idx.r_max, n_heads, dim)
+            dkey = dk_sel
+        else:
+            dq_rows = dq_sel.new_zeros((bsz, idx.r_max, n_heads, dim))
+            dq_rows[:, :, rows.heads] = dq_sel.permute(0, 2, 1, 3)
+            dkey = dk_sel.new_zeros((bsz, rows.n_kv, rows.seq, dim)).index_add_(1, rows.heads // rows.n_rep, dk_sel)
+        dquery = dq_rows.new_zeros((bsz, rows.seq, n_heads, dim)).index_put_(
+            (torch.arange(bsz, device=query.device)[:, None], idx.q_pad), dq_rows, accumulate=True)
+        return dquery.transpose(1, 2).to(query.dtype), dkey.to(key.dtype), None, None
+
+
 def causal_mass(query: torch.Tensor, key: torch.Tensor, ctx: CatContext, layer_idx: int,
                 scaling: float) -> torch.Tensor:
     """Attention mass on each supervised row's causal columns: (R, h) for the layer's selected heads.
 
-    query (B, H, T, D), key (B, Hkv, T, D), post-RoPE. Computed in float32 for half inputs
-    (as eager's softmax), else in the input dtype.
+    query (B, H, T, D), key (B, Hkv, T, D), post-RoPE. Scores, softmax and mass in float32 for
+    half inputs (as eager's softmax), else in the input dtype. Inside a backward pass (checkpoint
+    recomputation) the value is not computed: only its saved inputs are recorded (see _CausalMass).
     """
-    bsz, n_heads, seq, _ = query.shape
-    n_rep = n_heads // key.shape[1]
-    idx = ctx.row_index(query.device, bsz, seq)
-    heads = ctx.heads_for(layer_idx)
-    acc = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
-    # Queries of the supervised rows, (B, Rmax, H, D): a gather, O(rows x H x D).
-    q_rows = query.transpose(1, 2)[torch.arange(bsz, device=query.device)[:, None], idx.q_pad]
-    if heads is None:
-        h = n_heads
-        # Group query heads by their KV head so the matmul reads the KV heads without expanding them.
-        q_sel = q_rows.view(bsz, idx.r_max, key.shape[1], n_rep, -1).permute(0, 2, 3, 1, 4)  # (B,Hkv,rep,Rmax,D)
-        k_sel = key
-    else:
-        heads = heads.to(query.device)
-        h = heads.numel()
-        q_sel = q_rows[:, :, heads].permute(0, 2, 1, 3)  # (B, h, Rmax, D)
-        k_sel = key[:, heads // n_rep]  # (B, h, T, D)
+    bsz, _, seq, _ = query.shape
     key_valid = None
     if ctx.key_padding_mask is not None:
         key_valid = ctx.key_padding_mask.to(device=query.device, dtype=torch.bool)[:, :seq]
-    step = max(1, ctx.chunk_elems // max(1, bsz * h * seq))
-    row_parts, p_parts = [], []
-    for s0 in range(0, idx.r_max, step):
-        s1 = min(idx.r_max, s0 + step)
-        if heads is None:
-            qc = q_sel[:, :, :, s0:s1].reshape(bsz, key.shape[1], n_rep * (s1 - s0), -1)
-            scores = torch.matmul(qc, k_sel.transpose(-1, -2)).view(bsz, n_heads, s1 - s0, seq)
-        else:
-            scores = torch.matmul(q_sel[:, :, s0:s1], k_sel.transpose(-1, -2))  # (B, h, s, T)
-        scores = scores.to(acc) * scaling
-        scores = scores.masked_fill(idx.blocked_keys(s0, s1, key_valid)[:, None], float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)  # (B, h, s)
-        if s0 == 0 and s1 == idx.r_max:  # one chunk (the usual case): every causal column
-            nb, ns, nc, nr = idx.nnz_b, idx.nnz_slot, idx.cols, idx.nnz_row
-        else:
-            sel = ((idx.nnz_slot >= s0) & (idx.nnz_slot < s1)).nonzero().squeeze(1)
-            nb, ns, nc, nr = idx.nnz_b[sel], idx.nnz_slot[sel] - s0, idx.cols[sel], idx.nnz_row[sel]
-        p_parts.append(torch.exp(scores[nb, :, ns, nc] - lse[nb, :, ns]))  # (n, h)
-        row_parts.append(nr)
-    p = torch.cat(p_parts) if p_parts else query.new_zeros((0, h), dtype=acc)
-    rows = torch.cat(row_parts) if row_parts else idx.nnz_row
-    return torch.zeros((ctx.num_rows, h), dtype=acc, device=query.device).index_add(0, rows, p)
+    spec = (ctx.row_index(query.device, bsz, seq), ctx.heads_for(layer_idx), key_valid, ctx.chunk_elems, scaling,
+            ctx.num_rows)
+    return _CausalMass.apply(query, key, spec, _in_backward())
 
 
 def cat_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -135,7 +235,9 @@ def cat_attention(module, query, key, value, attention_mask, dropout: float = 0.
         if query.shape[2] != key.shape[2]:
             raise ValueError("CAT supervision needs a full forward pass without a KV cache "
                              f"(layer {layer_idx}: q_len={query.shape[2]}, k_len={key.shape[2]})")
-        cat.mass[layer_idx] = causal_mass(query, key, cat, layer_idx, scaling)  # overwrite, never append
+        mass = causal_mass(query, key, cat, layer_idx, scaling)
+        if not _in_backward():  # a recomputation's result feeds nothing: keeping it would keep its graph alive
+            cat.mass[layer_idx] = mass  # overwrite, never append
     return out, None
 
 

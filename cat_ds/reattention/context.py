@@ -3,9 +3,11 @@
 The engine builds one per micro-batch and passes it as ``model(..., cat=ctx)``; transformers
 forwards the extra keyword to every attention call. The attention function reads the batch's
 sparse rows from it and writes, per selected layer, the attention mass on each row's causal
-columns. It OVERWRITES ``ctx.mass[module.layer_idx]`` (never appends), so non-reentrant
-activation-checkpoint recomputation, which calls the attention function a second time during
-backward, cannot count anything twice.
+columns into ``ctx.mass[module.layer_idx]``, in the forward pass only (a second forward
+overwrites, never appends). Non-reentrant activation checkpointing calls the attention function
+again during backward; that call writes nothing (its result feeds nothing, and storing it would
+keep the recomputed keys and graph alive until the context dies): the gradient flows through the
+forward's mass, the one the loss read, and its backward recomputes the rows' scores (attention.py).
 
 Sparse rows follow docs/DESIGN.md: ``cat_rows (R, 2)`` = (batch index, query position) sorted
 by batch index then q; ``cat_col_ptr (R+1,)`` / ``cat_cols (nnz,)`` = CSR causal columns, each
@@ -22,6 +24,7 @@ import torch
 class _RowIndex:
     """Index tensors derived once per batch (per device) and shared by every layer."""
 
+    row_b: torch.Tensor  # (R,) batch index of the row
     slot: torch.Tensor  # (R,) position of the row among its sample's rows
     q_pad: torch.Tensor  # (B, Rmax) query position per slot; padded slots hold T-1
     slot_valid: torch.Tensor  # (B, Rmax) bool
@@ -125,4 +128,4 @@ class CatContext:
         cols = self.cat_cols.to(device)
         if cols.numel() and bool((cols >= q[nnz_row]).any()):
             raise ValueError("cat_cols must be < the row's query position q (DESIGN.md)")
-        return _RowIndex(slot, q_pad, slot_valid, b[nnz_row], slot[nnz_row], nnz_row, seq_len, cols, r_max)
+        return _RowIndex(b, slot, q_pad, slot_valid, b[nnz_row], slot[nnz_row], nnz_row, seq_len, cols, r_max)

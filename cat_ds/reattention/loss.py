@@ -19,10 +19,8 @@ Normalisation (``normalization=``):
   depends only on the mask, so the engine counts it ahead of time: ``count_rows(batch)`` for
   each micro-batch of the step, sum, all-reduce (SUM) across ranks, pass it here. Summing the
   returned values over the step's micro-batches and ranks gives the step's loss, independent
-  of micro-batch size and world size. NOTE for the engine: DeepSpeed divides each micro-batch
-  loss by the accumulation steps and averages gradients over ranks; to obtain exactly the
-  gradient of that sum, multiply this term by ``gradient_accumulation_steps * world_size``
-  before handing it to DeepSpeed.
+  of micro-batch size and world size. How the engine scales it for DeepSpeed's averaging:
+  cat_ds/engine/normalization.py.
 """
 from __future__ import annotations
 

@@ -9,46 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from cat_ds.choices import parse_heads, parse_layers  # the rule, shared with config validation
 
-def parse_layers(spec, num_layers: int) -> list[int]:
-    """Resolve a layer spec to sorted, unique layer indices."""
-    if spec is None or spec == "all":
-        return list(range(num_layers))
-    if isinstance(spec, str):
-        s = spec.strip()
-        if s.startswith("last"):
-            n_txt = s[4:].strip(" :=")
-            if not n_txt.isdigit() or not 1 <= int(n_txt) <= num_layers:
-                raise ValueError(f"layers: 'last N' needs 1 <= N <= {num_layers}, got {spec!r}")
-            return list(range(num_layers - int(n_txt), num_layers))
-        try:
-            spec = [int(x) for x in s.replace(",", " ").split()]
-        except ValueError:
-            raise ValueError(f"layers: expected 'all', 'last N' or a list of ints, got {spec!r}") from None
-    if isinstance(spec, int):
-        spec = [spec]
-    out = set()
-    for i in spec:
-        j = int(i) + num_layers if int(i) < 0 else int(i)
-        if not 0 <= j < num_layers:
-            raise ValueError(f"layers: index {i} out of range for a model with {num_layers} layers")
-        out.add(j)
-    if not out:
-        raise ValueError("layers: empty selection")
-    return sorted(out)
-
-
-def parse_heads(spec, num_heads: int) -> int | None:
-    """``"all"``/None -> None (all heads); K -> K (validated)."""
-    if spec is None or spec == "all":
-        return None
-    try:
-        k = int(spec)
-    except (TypeError, ValueError):
-        raise ValueError(f"heads: expected 'all' or an int K, got {spec!r}") from None
-    if not 1 <= k <= num_heads:
-        raise ValueError(f"heads: K must be in [1, {num_heads}], got {k}")
-    return None if k == num_heads else k
+__all__ = ["parse_heads", "parse_layers", "select", "select_heads", "step_generator"]
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:

@@ -94,3 +94,20 @@ def _plain(v: Any) -> Any:
     if hasattr(v, "item"):
         return v.item()
     return v
+
+
+def run_logger(cfg, *, is_main: bool, start_step: int, resumed: bool) -> Logger:
+    """A training run's logger: rank 0 writes OUTPUT_DIR/metrics.jsonl (cut after `start_step` on
+    resume) and, with `tracking.mlflow`, the MLflow run; every other rank a NullLogger."""
+    if not is_main:
+        return NullLogger()
+    jsonl = JsonlLogger(Path(cfg.output_dir) / "metrics.jsonl", truncate_after_step=start_step)
+    if not cfg.tracking.mlflow:
+        return jsonl
+    from cat_ds.tracking.mlflow_logger import MlflowLogger, run_tags
+
+    store = cfg.tracking.store_root or str(Path(cfg.output_dir).resolve().parent / "mlflow")
+    mlflow = MlflowLogger(cfg.output_dir, experiment=cfg.tracking.experiment, run_name=cfg.tracking.run_name,
+                          store_root=store, tracking_uri=cfg.tracking.tracking_uri, resume=resumed,
+                          tags={**run_tags(cfg), "cat.enabled": cfg.cat.enabled})  # mode/task/seed: for compare
+    return MultiLogger(jsonl, mlflow)

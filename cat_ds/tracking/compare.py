@@ -21,6 +21,7 @@ class RunRow:
     mode: str
     seed: str
     metrics: dict[str, float] = field(default_factory=dict)
+    model_dir: str | None = None  # the run's exported model (param export.path, else OUTPUT_DIR/export)
 
 
 @dataclass
@@ -68,8 +69,10 @@ def collect_runs(tracking_uri: str, experiments: list[str] | None = None, run_id
                 break
     rows = []
     for r in runs:
-        t = r.data.tags
-        rows.append(RunRow(r.info.run_id, t.get("task", "?"), t.get("mode", "?"), t.get("seed", "?"), dict(r.data.metrics)))
+        t, params = r.data.tags, r.data.params
+        export = params.get("export.path") or (params.get("output_dir") and str(Path(params["output_dir"]) / "export"))
+        rows.append(RunRow(r.info.run_id, t.get("task", "?"), t.get("mode", "?"), t.get("seed", "?"), dict(r.data.metrics),
+                           export if export and Path(export).is_dir() else None))
     return rows
 
 
@@ -157,3 +160,37 @@ def compare(tracking_uri: str, *, experiments: list[str] | None = None, run_ids:
         (out / "compare.md").write_text(md)
         chart(summary, out / "compare.png")
     return md
+
+
+def draw_attention(tracking_uri: str, data: list[str], out_dir: str | Path, *, experiments: list[str] | None = None,
+                   run_ids: list[str] | None = None, records: int | None = 8, say=print) -> list[Path]:
+    """`cat-ds attention` for each (task, seed)'s base and CAT runs on `data`, into
+    OUT_DIR/<task>_s<seed>/; the files are logged as artifacts ("attention/") of both runs.
+    A run without an exported model is one line (train.export=false: `cat-ds export` makes one)."""
+    from mlflow import MlflowClient
+
+    from cat_ds.evaluation.attention_map import measure_dirs
+    from cat_ds.tracking.attention_plots import draw
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    pairs: dict[tuple[str, str], list[RunRow]] = {}
+    for r in collect_runs(tracking_uri, experiments, run_ids):
+        if r.model_dir is None:
+            say(f"[attention] run {r.run_id} ({r.task} {r.mode} seed {r.seed}): no exported model; skipped")
+        else:
+            pairs.setdefault((r.task, r.seed), []).append(r)
+    written: list[Path] = []
+    for (task, seed), runs in sorted(pairs.items()):
+        runs.sort(key=lambda r: (r.mode not in MODES, MODES.index(r.mode) if r.mode in MODES else 0, r.mode))
+        labels = [r.mode if [x.mode for x in runs].count(r.mode) == 1 else f"{r.mode} {r.run_id[:8]}" for r in runs]
+        table = measure_dirs([r.model_dir for r in runs], data, records=records, labels=labels, say=say)
+        for line in table.problems:
+            say(f"[attention] {line}")
+        if not table.records:
+            continue
+        files = draw(table, Path(out_dir) / f"{task}_s{seed}")
+        for r in runs:
+            for f in files:
+                client.log_artifact(r.run_id, str(f), "attention")
+        written += files
+    return written
