@@ -4,6 +4,8 @@
 
     .venv/bin/python bench/step_time.py [--config configs/smollm2_stg.yaml] [--steps 5] [--json]
     .venv/bin/python bench/step_time.py --variants zero2x1,lora_zero2x1,zero3x1,lora_zero3x1 --per-mode --no-startup
+    .venv/bin/python bench/step_time.py --config configs/stg_tiny.yaml --model-config configs/models/llama_1b.json \
+        --layers 4 --variants "" --no-startup --steps 2 --warmup 1 --json   # peak memory, 1B layer shape
 
 Every variant runs in a fresh process (its own threads and allocator), on the same STG batches
 (the engine's data order: optimizer step s = the same 8 records everywhere; 2 ranks take 4
@@ -215,12 +217,25 @@ def memory(args) -> dict:
             "cat_ckpt_budget_mib": scores + 0.1 * peak["base_ckpt_on"]}
 
 
+def model_config(args) -> str:
+    """--model-config with num_hidden_layers set to --layers (written to the work dir): a model's
+    layer shape (hidden, heads, MLP, vocab) at a depth this machine can fine-tune."""
+    if not args.layers:
+        return args.model_config
+    d = json.loads(Path(args.model_config).read_text(encoding="utf-8"))
+    d["num_hidden_layers"] = args.layers
+    out = Path(args.work) / f"{Path(args.model_config).stem}_{args.layers}layers.json"
+    out.write_text(json.dumps(d, indent=1), encoding="utf-8")
+    return str(out)
+
+
 def startup(args) -> float:
     """Seconds from `cat-ds train` (1 rank, MLflow on, as a user runs it) to its first step's start."""
     out = Path(args.work) / "startup"
     cmd = [str(Path(sys.executable).with_name("cat-ds")), "train", args.config]
-    for s in [f"output_dir={out}", "train.max_steps=1", "train.export=false", "eval.probe_size=0", "data.eval={}",
-              *args.set]:
+    # one step, no warm-up (a warm-up as long as the run is refused by the schedule check)
+    for s in [f"output_dir={out}", "train.max_steps=1", "train.warmup_steps=0", "train.export=false",
+              "eval.probe_size=0", "data.eval={}", *args.set]:
         cmd += ["--set", s]
     metrics = out / "metrics.jsonl"
     t0 = time.perf_counter()
@@ -248,6 +263,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    p.add_argument("--model-config", default=None, metavar="FILE",
+                   help="random-init model from this config JSON (sets model.config, as bench/train_step.py)")
+    p.add_argument("--layers", type=int, default=None, help="with --model-config: its layer shape, this many layers")
     p.add_argument("--no-startup", action="store_true")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs (4 more processes)")
     p.add_argument("--memory-variant", default="zero3x1", choices=[v for v in VARIANTS if VARIANTS[v][0]],
@@ -257,6 +275,10 @@ def main() -> int:
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.layers is not None and (not args.model_config or args.layers < 1):
+        p.error("--layers: needs --model-config and a count >= 1")
+    if args.model_config and not Path(args.model_config).is_file():
+        p.error(f"--model-config: {args.model_config}: no such file")
     if args.child:
         child(args)
         return 0
@@ -268,6 +290,8 @@ def main() -> int:
 
     own_work = args.work is None
     args.work = args.work or tempfile.mkdtemp(prefix="step_time-")
+    if args.model_config:  # the children get it through --set
+        args.set.append(f"model.config={model_config(args)}")
     cfg = load_config(args.config, args.set)
     prepare_files(cfg)  # once, before anything is timed: a missing STG set, a GGUF model, a local tokenizer
     mc = load_model_config(cfg)
@@ -289,7 +313,9 @@ def main() -> int:
     modes = args.modes.split(",")
     tokens = rows[0]["tokens"] if rows else math.nan
     limit = 6 * n_params * tokens / rate
-    res = {"model": cfg.model.name_or_path, "parameters": n_params, "tokens_per_step": tokens,
+    name = cfg.model.name_or_path or args.model_config or cfg.model.config
+    name += f", {args.layers} layers" if args.layers else ""
+    res = {"model": name, "parameters": n_params, "tokens_per_step": tokens,
            "matmul_gflops": rate / 1e9, "flop_limit_s": limit, "torch": torch.__version__, "rows": rows}
     z = by.get("zero3x1", {})
     if "plain" in by and z and "cat" in modes:

@@ -396,7 +396,7 @@ def prepare(config, train_args):
     the model into this node's cache; on the first node also generate/tokenise the shared data. Takes the
     training's own arguments (--set KEY=VALUE ..., --ds_config and --resume are ignored)."""
     from cat_ds.config import ConfigError, load_config
-    from cat_ds.engine.node_setup import prepare_node
+    from cat_ds.engine.prepare import prepare_node
     from cat_ds.train import parse_args
 
     args = parse_args(["--config", config, *train_args])

@@ -77,7 +77,7 @@ def schedule_problems(s: Schedule, cfg: "Config") -> list[str]:
                    f"); lower train.warmup_steps or lengthen the run")
     # Only a run that reaches the end of an epoch drops its tail.
     if (s.dropped_fraction > MAX_DROPPED and s.total_steps >= s.steps_per_epoch
-            and not getattr(t, "allow_dropped_records", False)):
+            and not t.allow_dropped_records):
         out.append(f"{s.dropped_per_epoch} of {s.num_records} training records ({100 * s.dropped_fraction:.0f} %) "
                    f"are dropped every epoch ({batch} does not divide them); choose a batch that divides the data "
                    f"better, or set train.allow_dropped_records: true")

@@ -102,7 +102,11 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "cat_ds_source.json").write_text(json.dumps({"gguf": gguf.name, "sha256_20": file_digest(gguf)}) + "\n")
-        os.replace(tmp, out)  # atomic on one filesystem
+        try:
+            os.replace(tmp, out)  # atomic on one filesystem
+        except OSError:  # ENOTEMPTY: a node sharing this cache renamed its (identical) conversion first
+            if not (out / "config.json").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

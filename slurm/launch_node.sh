@@ -37,4 +37,8 @@ while kill -0 "$launcher" 2>/dev/null; do
     fi
     sleep 1 & wait $! || true   # `wait`, unlike `sleep`, returns as soon as USR1 arrives
 done
-wait "$launcher"
+wait "$launcher"; rc=$?
+# The head node's result, for the batch script: it stops waiting for srun soon after (a lost node
+# never answers srun, which would otherwise wait for it until Slurm declares the node down).
+[[ $SLURM_NODEID == 0 && -n ${CAT_DS_HEAD_EXIT:-} ]] && echo "$rc" > "$CAT_DS_HEAD_EXIT"
+exit "$rc"

@@ -23,7 +23,7 @@ How the test cluster is built (root only; `multihost_cluster` fixture, one per t
 
 Helpers: `sbatch`/`wait`/`job` (from SlurmCluster), `host_run(node, cmd)` (a command inside a
 host, e.g. `srun` from node1 as from a login node), `host_pids(node)` and `kill_host(node)`
-(every process of a host: a lost node).
+(every process of a host: a lost node), `restart_host(node)` (the host back, fresh namespaces).
 """
 
 from __future__ import annotations
@@ -208,6 +208,16 @@ class MultiHostCluster(SlurmCluster):
             except ProcessLookupError:
                 pass
         return pids
+
+    def restart_host(self, node: str, timeout: float = 60) -> None:
+        """A lost host back (after kill_host): a fresh slurmd in fresh namespaces, and every node idle."""
+        old = self._procs.pop(f"slurmd-{node}", None)
+        if old is not None:
+            old.wait(timeout=10)
+        self._procs[f"slurmd-{node}"] = subprocess.Popen(
+            self.slurmd_command(node), env=self.env, stdout=subprocess.DEVNULL,
+            stderr=self._errfile(f"slurmd-{node}-restarted"))
+        self._wait(self._nodes_idle, timeout, f"{node} to be idle again")
 
 
 @pytest.fixture(scope="module")

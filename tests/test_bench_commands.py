@@ -88,10 +88,11 @@ RUNS = {
                     "--vocab 256 --rows 4 --cols 4"),
     "evaluation": ("bench/evaluation.py --model smollm2-135m-instruct --records 32 --batch-sizes 1,16 --repeats 1",
                    "--records 4 --batch-sizes 1,4 --json"),
-    "train_step": ("bench/train_step.py --config configs/stg_tiny.yaml --warmup 3 --steps 20 --repeats 6 --modes cat,base",
+    "train_step": ("bench/train_step.py --config configs/stg_tiny.yaml --warmup 3 --steps 20 --repeats 6 "
+                   "--modes cat,base",
                    "--warmup 1 --steps 1 --repeats 1 --json"),
     "step_time": ("bench/step_time.py --json",
-                  "--config configs/stg_tiny.yaml --variants zero3x1 --steps 1 --warmup 0 --no-memory --no-startup"),
+                  "--config configs/stg_tiny.yaml --variants zero3x1 --steps 1 --warmup 0 --no-memory"),
     "stg_shortcut": ("bench/stg_shortcut.py --model smollm2-135m-instruct",
                      "--eval-records 4 --attention-records 2 --knockout-records 2"),
 }
@@ -126,7 +127,7 @@ def test_bench_runs_on_a_fresh_clone(bench, tmp_path, request):
         assert (clone / "data/stg_m/train.jsonl").is_file() and (clone / "data/stg_m/tokenizer").is_dir()
     elif bench == "step_time":
         r = json.loads(out.splitlines()[-1])
-        assert [row["variant"] for row in r["rows"]] == ["zero3x1"] and r["cat_over_base"] > 0
+        assert [row["variant"] for row in r["rows"]] == ["zero3x1"] and r["cat_over_base"] > 0 and r["startup_s"] > 0
         assert (clone / "data/stg_m/train.jsonl").is_file()
     elif bench == "stg_shortcut":
         assert re.search(r"OOD accuracy \d\.\d{4}; with consistent twins", out)

@@ -41,14 +41,15 @@ def dist():
                 os.environ[k] = v
 
 
-def _trainer(tmp, name, stg_dir, tok, dist, **sections):
+def _trainer(tmp, name, stg_dir, tok, dist, ds_config="zero3", **sections):
     """The real trainer, set up in this process: no logger, no evaluation."""
     from cat_ds.config import load_config
     from cat_ds.engine.trainer import Trainer
     from cat_ds.tracking.base import NullLogger
 
     cfg = load_config(write_config(tmp, name, stg_dir=stg_dir, tokenizer_dir=tok.name_or_path, **sections))
-    trainer = Trainer(cfg, str(REPO / "ds_configs/zero3.json"), info=dist, logger=NullLogger(), evaluate=False)
+    trainer = Trainer(cfg, str(REPO / "ds_configs" / f"{ds_config}.json"), info=dist, logger=NullLogger(),
+                      evaluate=False)
     trainer.setup()
     return trainer
 
@@ -184,3 +185,24 @@ def test_answer_only_logits_same_losses_and_gradients(tmp_path, stg_dir, bpe_tok
         for a, b in zip(runs[True], runs[False]):
             for k in ("loss", "lm_loss", "cat_loss", "grad_norm"):
                 assert math.isclose(a[k], b[k], rel_tol=2e-5, abs_tol=1e-7), (norm, k, a[k], b[k])
+
+
+@pytest.mark.parametrize("ds_config, want", [
+    ("zero3", [1.0, 0.75, 0.5, 0.25]),  # WarmupDecayLR: linear from the peak, (T - k + 1) / T
+    ("zero3_cosine", [1.0] + [0.1 + 0.9 * (1 + math.cos(math.pi * k / 3)) / 2 for k in (1, 2, 3)]),
+])
+def test_no_warmup_starts_at_the_peak_lr(tmp_path, stg_dir, bpe_tokenizer, dist, ds_config, want):
+    """train.warmup_steps 0: step 1 runs at train.lr (DeepSpeed's Warmup* schedulers alone would give
+    lr 0 on the first two steps), read back from the trainer's own lr metric."""
+    trainer = _trainer(tmp_path, "lr", stg_dir, bpe_tokenizer, dist, ds_config,
+                       train={"max_steps": 4, "lr": 1e-3, "warmup_steps": 0})
+    lrs = [trainer.train_step(k).metrics["lr"] for k in range(4)]
+    assert lrs == pytest.approx([1e-3 * w for w in want], rel=1e-9)
+
+
+def test_warmup_keeps_deepspeeds_counting(tmp_path, stg_dir, bpe_tokenizer, dist):
+    """With a warm-up the schedule is DeepSpeed's own (the README's figures were measured with it)."""
+    trainer = _trainer(tmp_path, "lrw", stg_dir, bpe_tokenizer, dist, train={"max_steps": 6, "lr": 1e-3,
+                                                                                 "warmup_steps": 2})
+    lrs = [trainer.train_step(k).metrics["lr"] for k in range(4)]
+    assert lrs == pytest.approx([0.0, 0.0, 0.5e-3, 1e-3], abs=1e-12)

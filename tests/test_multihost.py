@@ -6,6 +6,7 @@ the shared directory. Ranks meet over gloo on the hosts' eth0 (GLOO_SOCKET_IFNAM
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from multihost_cluster import HOSTS, multihost_cluster  # noqa: F401  (fixture)
+from slurm_cluster import TERMINAL
 
 pytestmark = [pytest.mark.multihost, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -53,15 +55,15 @@ def test_two_hosts_own_names_homes_and_a_shared_dir(multihost_cluster):  # noqa:
 
 
 # ---- training across the hosts ------------------------------------------------------------
-STEPS = 3
+STEPS = 2
 SMOL = {  # SmolLM2 with CAT under ZeRO-3 and activation checkpointing: a few short steps
     "output_dir": "runs/smol",
     "model": {"name_or_path": "smollm2-135m-instruct", "gradient_checkpointing": True},
-    "data": {"max_length": 128, "chat_template": True},
+    "data": {"max_length": 96, "chat_template": True},
     "train": {"micro_batch_size": 1, "grad_accum": 1, "max_steps": STEPS, "warmup_steps": 0, "lr": 1e-4,
               "save_every": 0, "log_every": 1, "export": True},
     "cat": {"enabled": True, "heads": "all"},
-    "eval": {"every": 0, "limit": 4, "batch_size": 4, "probe_size": 0},
+    "eval": {"every": 0, "limit": 2, "batch_size": 2, "probe_size": 0},
     "tracking": {"mlflow": False},
 }
 
@@ -171,46 +173,158 @@ def test_doctor_names_a_node_without_the_shared_directory(multihost_cluster):  #
     assert not list(out.iterdir()) and not list(private.iterdir())  # each side cleaned its markers
 
 
-# ---- direct srun, no torchrun -------------------------------------------------------------
-TINY_SET = ["train.max_steps=2", "train.micro_batch_size=2", "train.save_every=0", "train.export=false",
-            "eval.limit=4", "data.max_length=64"]
+# ---- the tiny model: direct srun, preemption, a lost node, a stale `latest` -------------------
+TINY_STEPS, TINY_SAVE = 10, 4
+TINY_SET = [f"train.max_steps={TINY_STEPS}", "train.micro_batch_size=2", "train.warmup_steps=2",
+            f"train.save_every={TINY_SAVE}", "train.keep_last=3", "train.log_every=1", "train.export=true",
+            "eval.limit=2", "eval.batch_size=2", "eval.probe_size=0", "data.max_length=64"]
+TIMING = {"tokens_per_s", "step_time_s"}  # wall-clock fields: differ between any two runs
 
 
-def _direct_script(wd: Path, name: str, env_lines: str = "", prepare: bool = True) -> Path:
-    """srun starts the 4 ranks itself: `python -m cat_ds.train` with only Slurm's variables."""
+def _direct_script(wd: Path, name: str, env_lines: str = "", per_node: int = 2) -> Path:
+    """srun starts the ranks itself: `python -m cat_ds.train` with only Slurm's variables, and no
+    `cat-ds prepare` step: the ranks' own set-up makes the data and tokenizer (rank 0)."""
     args = " ".join(["--set", f"output_dir=runs/{name}", *TINY_SET])
     script = wd / f"{name}.sbatch"
     script.write_text(
         "#!/bin/bash\n#SBATCH --output=logs/%x-%j.out\nset -e\n" + env_lines +
-        (f"srun --ntasks 2 --ntasks-per-node 1 {CAT_DS} prepare configs/stg_tiny.yaml {args}\n" if prepare else "") +
-        f"srun --ntasks-per-node 2 --kill-on-bad-exit=1 {sys.executable} -m cat_ds.train "
+        f"srun --ntasks-per-node {per_node} --kill-on-bad-exit=1 {sys.executable} -m cat_ds.train "
         f"--config configs/stg_tiny.yaml --ds_config zero3 {args}\n")
     return script
 
 
-def test_direct_srun_launch_across_hosts(multihost_cluster, workdir):  # noqa: F811
+def _metrics(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def _steps_so_far(run: Path) -> int:
+    """Last optimizer step in a metrics.jsonl being written (a half-written line is skipped)."""
+    path, last = run / "metrics.jsonl", 0
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        last = max(last, row["step"] if "loss" in row else 0)
+    return last
+
+
+def _weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / "export" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def direct_run(multihost_cluster, workdir):  # noqa: F811
+    """`srun --nodes 2 --ntasks-per-node 2 python -m cat_ds.train`: the uninterrupted world-4 reference."""
     c = multihost_cluster
     t0 = time.monotonic()
     job_id = c.sbatch(["--nodes", "2", "--ntasks-per-node", "2", "--chdir", str(workdir),
                        str(_direct_script(workdir, "direct"))], env=_job_env())
     (job,) = c.wait(job_id, timeout=300)
-    log = _out(workdir / "logs" / f"direct.sbatch-{job_id}.out")
-    print(f"[multihost] direct srun (tiny, world 4): {time.monotonic() - t0:.0f} s")
+    print(f"[multihost] direct srun (tiny, world 4, {TINY_STEPS} steps): {time.monotonic() - t0:.0f} s")
+    return job, _out(workdir / "logs" / f"direct.sbatch-{job_id}.out"), workdir / "runs" / "direct"
+
+
+def test_direct_srun_launch_across_hosts(direct_run):
+    job, log, run = direct_run
     assert job["JobState"] == "COMPLETED", log[-6000:]
-    assert json.loads((workdir / "runs/direct/run.json").read_text())["world_size"] == 4
-    rows = [json.loads(line) for line in (workdir / "runs/direct/metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert json.loads((run / "run.json").read_text())["world_size"] == 4
+    assert [r["step"] for r in _metrics(run) if "loss" in r] == list(range(1, TINY_STEPS + 1))
+    assert (run / "export" / "model.safetensors").is_file()
+
+
+def _until(c, job_id: str, log: Path, pred, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        (job,) = c.job(job_id)
+        assert job["JobState"] not in TERMINAL and time.monotonic() < end, (what, job, _out(log)[-6000:])
+        time.sleep(0.3)
+
+
+def test_preemption_node_loss_and_stale_latest_resume_bit_exact(multihost_cluster, workdir, direct_run):  # noqa: F811
+    """One tiny world-4 run through slurm/train_cat.sbatch (torchrun per node), three lives:
+    1. USR1 to the batch shell after step 1 (what `--signal=B:USR1@300` does before the time
+       limit): checkpoint at step 2, the job requeues itself and resumes from step 2;
+    2. after step 6 (checkpoint at 4) every process of node2 is killed, while the ranks wait
+       entering step 7: the job ends within 60 s, one line names the lost ranks and host;
+    3. resubmitted on both hosts, with node2 seeing a stale `latest` (step 2; a bind mount in its
+       mount namespace, as a network file system's cached view): every rank resumes from rank 0's
+       step 4, losing steps 5-6 only. The final weights equal the uninterrupted run's, bit for bit."""
+    c, run = multihost_cluster, workdir / "runs" / "chain"
+    submit = ["--nodes", "2", "--chdir", str(workdir), str(REPO / "slurm" / "train_cat.sbatch"),
+              "--config", "configs/stg_tiny.yaml", "--set", "output_dir=runs/chain", *TINY_SET]
+    env = {**_job_env(), "NPROC_PER_NODE": "2"}
+    job_id = c.sbatch(submit, env={**env, "CAT_DS_TEST_FAULTS": "pause_at=1:8,6:5"})
+    log_path = workdir / "logs" / f"cat-ds-{job_id}.out"
+
+    # 1. preemption
+    _until(c, job_id, log_path, lambda: _steps_so_far(run) >= 1, 300, "step 1")
+    c.scancel_batch_signal(job_id, "USR1")
+    _until(c, job_id, log_path, lambda: "(restart 1)" in _out(log_path) and _steps_so_far(run) >= 6, 300,
+           "the requeued run's step 6")
+    log = _out(log_path)
+    assert "stop signal received: saving at step 2" in log and "training stopped (rc=0); requeueing" in log, log
+    assert "resumed from step_00000002 (step 2" in log, log[-6000:]
+
+    # 2. node2 lost
+    killed_at = time.monotonic()
+    assert c.kill_host("node2")
+    (job,) = c.wait(job_id, timeout=180, until=lambda jobs: jobs[0]["JobState"] != "RUNNING")
+    ended = time.monotonic() - killed_at
+    log = _out(log_path)
+    print(f"[multihost] node2 killed entering step 7: job {job['JobState']} after {ended:.1f} s")
+    assert ended <= 60 and job["JobState"] in TERMINAL | {"COMPLETING"}, (job, log[-6000:])
+    lost = [line for line in log.splitlines() if "lost contact with" in line]
+    assert len(lost) == 1, log[-6000:]
+    assert lost[0].startswith("cat-ds: lost contact with ranks 2, 3 (node2, 10.213.9.2) during step 7;"), lost
+    assert lost[0].endswith("resume continues from step_00000004"), lost
+    c.restart_host("node2")
+
+    # 3. resubmitted, node2 with a stale `latest`
+    root = run / "checkpoints"
+    assert (root / "latest").read_text() == "step_00000004" and (root / "step_00000002" / "COMPLETE").is_file()
+    stale = c.host_dir("node2") / "stale_latest"
+    stale.write_text("step_00000002")
+    assert c.host_run("node2", ["mount", "--bind", str(stale), str(root / "latest")]).returncode == 0
+    try:
+        seen = c.host_run("node2", ["cat", str(root / "latest")]).stdout
+        assert seen == "step_00000002", seen  # node2's view really is stale
+        t0 = time.monotonic()
+        job2_id = c.sbatch(submit, env=env)
+        (job2,) = c.wait(job2_id, timeout=300)
+    finally:
+        c.host_run("node2", ["umount", str(root / "latest")])
+    log2 = _out(workdir / "logs" / f"cat-ds-{job2_id}.out")
+    print(f"[multihost] resubmitted after node loss: {time.monotonic() - t0:.0f} s; steps lost: 5-6 "
+          f"(resumed from step {TINY_SAVE} after step 6 had finished)")
+    assert job2["JobState"] == "COMPLETED", log2[-6000:]
+    assert re.findall(r"resumed from (\S+) \(step (\d+)", log2) == [("step_00000004", "4")], log2[-6000:]
+    got, want = _metrics(run), _metrics(direct_run[2])
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, rel=1e-5, abs=1e-7), (g, w)
+    mine, ref = _weights(run), _weights(direct_run[2])
+    assert mine.keys() == ref.keys() and all(torch_equal(mine[k], ref[k]) for k in ref)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))
 
 
 def test_unreachable_rendezvous_fails_fast_in_one_line(multihost_cluster, workdir):  # noqa: F811
-    """MASTER_ADDR names an address nobody has: every rank gives up within CAT_DS_RDZV_TIMEOUT,
-    saying where it tried to go and which variables to set. (The ranks fail before reading any
-    data: no prepare step. A hang would end as TIMEOUT at the job's 4-minute limit, not FAILED.)"""
+    """MASTER_ADDR names an address nobody has: every rank (one per node) gives up within
+    CAT_DS_RDZV_TIMEOUT, saying where it tried to go and which variables to set. (A hang would
+    end as TIMEOUT at the job's 4-minute limit, not FAILED.)"""
     c = multihost_cluster
     bad = "10.213.9.77"  # in the test subnet, no host
     t0 = time.monotonic()
-    script = _direct_script(workdir, "badaddr", f"export MASTER_ADDR={bad} CAT_DS_RDZV_TIMEOUT=10\n", prepare=False)
-    job_id = c.sbatch(["--nodes", "2", "--ntasks-per-node", "2", "--time", "4", "--chdir", str(workdir), str(script)],
+    script = _direct_script(workdir, "badaddr", f"export MASTER_ADDR={bad} CAT_DS_RDZV_TIMEOUT=10\n", per_node=1)
+    job_id = c.sbatch(["--nodes", "2", "--ntasks-per-node", "1", "--time", "4", "--chdir", str(workdir), str(script)],
                       env=_job_env())
     (job,) = c.wait(job_id, timeout=180)
     took = time.monotonic() - t0

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from cat_ds.engine.distributed import barrier
+from cat_ds.engine.distributed import barrier, broadcast_object
 from cat_ds.engine.ds_config import checkpoint_root  # noqa: F401  (re-exported: one owner)
 
 TAG_RE = re.compile(r"^step_(\d+)$")
@@ -148,9 +148,20 @@ def _prune(root: Path, keep_last: int, current: str) -> None:
 
 
 def load(engine, output_dir: str | Path, *, rank: int, world_size: int) -> dict | None:
-    """Collective. Load the checkpoint `latest` points to; returns its client state (None if none)."""
+    """Collective. Load the checkpoint `latest` points to; returns its client state (None if none).
+
+    `latest` is read once, by rank 0, and broadcast: on a network file system two nodes may see two
+    versions of it (attribute caching), and ranks resuming from different steps would hang or diverge."""
     root = checkpoint_root(output_dir)
-    tag = read_latest(root)
+    tag = error = None
+    if rank == 0:
+        try:
+            tag = read_latest(root)
+        except RuntimeError as e:  # every rank raises it, none waits in a collective rank 0 left
+            error = str(e)
+    tag, error = broadcast_object((tag, error))
+    if error:
+        raise RuntimeError(error)
     if tag is None:
         return None
     path, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,

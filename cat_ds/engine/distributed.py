@@ -7,9 +7,13 @@ port). gloo on CPU, nccl on GPU; `CAT_DS_DEVICE=cpu` keeps a GPU machine on CPU/
 Failure policy: a rank that raises prints its traceback and exits non-zero *without* waiting
 for the others (os._exit after tearing down), so the launcher (deepspeed/torchrun/srun) sees
 the failure and kills the remaining ranks; a rank blocked in a collective with a dead peer
-gets a gloo connection error, and at worst the collective timeout (CAT_DS_DIST_TIMEOUT,
-default 600 s) bounds everything. Joining the group is bounded apart (CAT_DS_RDZV_TIMEOUT,
-default 60 s): a rank that cannot reach the head node says so in one line. Nothing hangs forever.
+gets a gloo connection error, and at worst the collective timeout bounds everything. Three
+bounds: joining the group (CAT_DS_RDZV_TIMEOUT, default 60 s: a rank that cannot reach the head
+node says so in one line), set-up collectives (CAT_DS_SETUP_TIMEOUT, default 4 h: rank 0 may
+convert a model or tokenise a large dataset while the others wait) and training collectives
+(CAT_DS_DIST_TIMEOUT, default 600 s); `use_timeout` switches between the last two. A rank whose
+peer vanished mid-collective (a lost node) says in one line which rank and host went
+(`exit_on_lost_peer`). Nothing hangs forever.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import subprocess
 import sys
 import traceback
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +62,8 @@ def _free_port() -> int:
 # collide and a requeued job (same id) reuses it. slurm/train_cat.sbatch applies the same rule.
 JOB_PORT_BASE, JOB_PORT_SPAN = 20000, 20000
 RDZV_TIMEOUT_S = 60  # joining the process group; CAT_DS_RDZV_TIMEOUT overrides
+# Collective timeouts per phase: (environment variable, default seconds).
+TIMEOUTS = {"setup": ("CAT_DS_SETUP_TIMEOUT", 4 * 3600), "train": ("CAT_DS_DIST_TIMEOUT", 600)}
 
 
 def job_port(job_id: str | int) -> int:
@@ -156,7 +163,6 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
 
     _use_cpu_accelerator(choice)
     _fill_env()
-    timeout_s = float(os.environ.get("CAT_DS_DIST_TIMEOUT", timeout_s or 600))
     rdzv_s = float(os.environ.get("CAT_DS_RDZV_TIMEOUT", RDZV_TIMEOUT_S))
     on_gpu = pick(torch.cuda.is_available()) == "cuda"
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -165,18 +171,18 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
     else:
         tune_cpu_process()
     if not torch.distributed.is_initialized():
-        _join(deepspeed, "nccl" if on_gpu else "gloo", rdzv_s, timeout_s)
+        _join(deepspeed, "nccl" if on_gpu else "gloo", rdzv_s)
+        use_timeout("train", timeout_s)
     rank = torch.distributed.get_rank()
     _abort_on_exception(rank)
+    _record_hosts()
     device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
     return DistInfo(rank, local_rank, torch.distributed.get_world_size(), device)
 
 
-def _join(deepspeed, backend: str, rdzv_s: float, timeout_s: float) -> None:
+def _join(deepspeed, backend: str, rdzv_s: float) -> None:
     """Join the process group within `rdzv_s` (a rank that cannot reach the store, or a rank that never
-    comes, fails it), then give collectives `timeout_s`. A peer whose process dies mid-collective
-    closes its gloo sockets, which fails the collective at once; the timeout bounds a silent loss.
-    Failure: one line naming the address and the variables to set, and exit (nothing to tear down)."""
+    comes, fails it). Failure: one line naming the address and the variables to set, and exit."""
     env = os.environ
     try:
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=rdzv_s))
@@ -191,11 +197,89 @@ def _join(deepspeed, backend: str, rdzv_s: float, timeout_s: float) -> None:
             f"share ({ifnames or 'neither is set'}; CAT_DS_RDZV_TIMEOUT={rdzv_s:.0f})\n")
         sys.stderr.flush()
         os._exit(1)
+
+
+def use_timeout(phase: str, seconds: float | None = None) -> float:
+    """Give the default group's collectives the timeout of `phase` ("setup" or "train"; its variable, else
+    `seconds`, else the default). A peer whose process dies closes its sockets, which fails a collective at
+    once; the timeout bounds a silent loss (a hung peer, a cut cable). Returns the seconds set."""
+    var, default = TIMEOUTS[phase]
+    seconds = float(os.environ.get(var) or seconds or default)
+    if torch.distributed.is_initialized():
+        try:
+            from torch.distributed.distributed_c10d import _set_pg_timeout  # private API, hence guarded
+        except ImportError:  # a torch without it: collectives keep the rendezvous timeout
+            return seconds
+        _set_pg_timeout(datetime.timedelta(seconds=seconds), None)
+    return seconds
+
+
+# ---- a lost peer ----------------------------------------------------------------------------
+# gloo's words for a peer that went away mid-collective, with the peer's address: "Read error
+# [10.213.9.2]:40123: Connection reset by peer", "Connection closed by peer [10.213.9.2]:40123".
+_LOST_RE = re.compile(r"Connection (?:reset|closed) by peer|Read error|Write error|Broken pipe")
+_PEER_RE = re.compile(r"\[([0-9A-Fa-f.:]+)\]:\d+")
+_LOST_KEY = "cat_ds/lost_peer"
+_hosts: list[tuple[str, str]] = []  # rank -> (hostname, address its collectives use)
+
+
+def _own_address() -> str:
+    """The address this rank's collectives use: the interface GLOO_/NCCL_SOCKET_IFNAME names, else the hostname's."""
+    from cat_ds.doctor import iface_addr
+
+    var = "NCCL_SOCKET_IFNAME" if torch.distributed.get_backend() == "nccl" else "GLOO_SOCKET_IFNAME"
+    name = os.environ.get(var, "").split(",")[0]
+    if name and not name.startswith(("^", "=")) and (addr := iface_addr(name)):
+        return addr
     try:
-        from torch.distributed.distributed_c10d import _set_pg_timeout  # private API, hence guarded
-    except ImportError:  # a torch without it: collectives keep the rendezvous timeout
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "?"
+
+
+def _record_hosts() -> None:
+    """Every rank's host and address (one small all-gather at start): a lost peer is then named."""
+    global _hosts
+    world = torch.distributed.get_world_size()
+    if world > 1:
+        box: list = [None] * world
+        torch.distributed.all_gather_object(box, (socket.gethostname(), _own_address()))
+        _hosts = [tuple(h) for h in box]
+
+
+@contextmanager
+def exit_on_lost_peer(where):
+    """Around the training loop: a collective that failed because a peer vanished (its node lost, its
+    process killed) ends this rank with one line, `cat-ds: lost contact with rank 2 (node2, 10.0.0.2)
+    during step 7; ...`, instead of a traceback per rank. `where()` -> (what was running, the
+    checkpoint a resume continues from). Any other error passes through."""
+    try:
+        yield
+    except RuntimeError as e:
+        peer = _PEER_RE.search(str(e))
+        if not (peer and _LOST_RE.search(str(e))):
+            raise
+        _say_lost(peer.group(1), *where())
+        exit_process(1)
+
+
+def _say_lost(addr: str, what: str, resume: str) -> None:
+    """One line, from the lowest surviving rank. The first rank to notice names the peer for all (through
+    the store): a rank that noticed only because a peer on its own host exited first would blame that host."""
+    try:
+        store = torch.distributed.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=5))  # the store's host may be the one lost
+        addr = store.compare_set(_LOST_KEY, "", addr).decode() or addr
+    except Exception:  # noqa: BLE001  (store unreachable: this rank's own view)
+        pass
+    lost = [r for r, (_, a) in enumerate(_hosts) if a == addr]
+    survivors = [r for r in range(len(_hosts)) if r not in lost] or [0]
+    if torch.distributed.get_rank() != min(survivors):
         return
-    _set_pg_timeout(datetime.timedelta(seconds=timeout_s), None)
+    host = _hosts[lost[0]][0] if lost else "unknown host"
+    who = (f"rank {lost[0]}" if len(lost) == 1 else f"ranks {', '.join(map(str, lost))}") if lost else "a peer"
+    sys.stderr.write(f"cat-ds: lost contact with {who} ({host}, {addr}) during {what}; the job ends, "
+                     f"resume continues from {resume}\n")
 
 
 def barrier() -> None:

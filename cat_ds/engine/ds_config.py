@@ -5,7 +5,7 @@ config, list what stays "auto", read the ZeRO stage; and where a run's checkpoin
     fill_ds_config(raw, cfg, world_size=2)                             # preflight: batch arithmetic only
     ds_config = final_ds_config(raw, cfg, world_size=2, total_steps=100, on_gpu=True, hidden_size=576)
 
-Torch-free: the launcher's preflight and `cat-ds_config plan` use it before any rank starts.
+Torch-free: the launcher's preflight and `cat-ds plan` use it before any rank starts.
 """
 from __future__ import annotations
 
@@ -79,12 +79,7 @@ def fill_ds_config(ds_config: dict, cfg: Config, *, world_size: int, total_steps
     for k, v in (("lr", t.lr), ("weight_decay", t.weight_decay)):
         if opt.get(k) == "auto":
             opt[k] = v
-    sched = ds_config.get("scheduler", {}).get("params", {})
-    # DeepSpeed's WarmupLR refuses 0 warmup steps (and warms up over at least 2): 0 means "minimal".
-    for k, v in (("warmup_max_lr", t.lr), ("warmup_min_lr", 0.0), ("warmup_num_steps", max(1, t.warmup_steps)),
-                 ("total_num_steps", total_steps)):
-        if sched.get(k) == "auto" and v is not None:
-            sched[k] = v
+    _fill_scheduler(ds_config.get("scheduler", {}), t.lr, t.warmup_steps, total_steps)
     zero = ds_config.get("zero_optimization", {})
     if hidden_size:  # the HF Trainer's heuristics for the size-dependent ZeRO-3 knobs
         for k, v in (("reduce_bucket_size", hidden_size * hidden_size),
@@ -93,6 +88,29 @@ def fill_ds_config(ds_config: dict, cfg: Config, *, world_size: int, total_steps
             if zero.get(k) == "auto":
                 zero[k] = v
     return ds_config
+
+
+# DeepSpeed's Warmup* schedulers warm up over at least 2 steps and set the lr to its minimum when
+# built, and the engine steps them after each optimizer step: with no warm-up asked for, step 1
+# and 2 would run at lr 0. So with train.warmup_steps 0 the scheduler starts past its warm-up
+# (`last_batch_iteration`, which also skips that reset: step 1 runs at the optimizer's lr, the
+# peak) and its end moves by as much, so that step k of T runs at:
+#   WarmupLR: peak;  WarmupDecayLR: peak x (T - k + 1) / T;  WarmupCosineLR: cosine at (k - 1) / (T - 1).
+# With a warm-up (W > 0, W >= 2) DeepSpeed's own counting stands: steps 1-2 at the minimum, step k at
+# (k - 2) / W of the way up, the peak at step W + 2 (kept: the README's figures were measured with it).
+_NO_WARMUP_START = {"WarmupLR": 2, "WarmupDecayLR": 2, "WarmupCosineLR": 1}
+
+
+def _fill_scheduler(scheduler: dict, lr: float, warmup_steps: int, total_steps: int | None) -> None:
+    params = scheduler.get("params", {})
+    start = _NO_WARMUP_START.get(scheduler.get("type")) if warmup_steps == 0 else None
+    if start is not None and "last_batch_iteration" not in params:
+        params["last_batch_iteration"] = start
+    shift = start or 0
+    for k, v in (("warmup_max_lr", lr), ("warmup_min_lr", 0.0), ("warmup_num_steps", max(1, warmup_steps)),
+                 ("total_num_steps", None if total_steps is None else total_steps + shift)):
+        if params.get(k) == "auto" and v is not None:
+            params[k] = v
 
 
 def unresolved_auto(ds_config: dict, prefix: str = "") -> list[str]:
@@ -114,5 +132,5 @@ def final_ds_config(raw: dict, cfg: Config, *, world_size: int, total_steps: int
                                hidden_size=hidden_size, src=src)
     left = unresolved_auto(ds_config)
     if left:
-        raise ConfigError(f"{src}: cat-ds_config cannot fill these \"auto\" values: {', '.join(left)}")
+        raise ConfigError(f"{src}: cat-ds cannot fill these \"auto\" values: {', '.join(left)}")
     return ds_config

@@ -8,6 +8,8 @@ nothing else reads the environment for it.
     sigkill_at=STEP         rank 0 SIGKILLs itself entering step STEP
     signal_at=STEP:SIGNUM   every rank sends itself SIGNUM entering step STEP (as Slurm signals every task)
     kill_in_save=STEP       rank 0 SIGKILLs itself in the save of step STEP: files written, not committed
+    pause_at=STEP:SECONDS[,STEP:SECONDS]  every rank sleeps SECONDS entering step STEP (a window to
+                            signal a job or kill a node mid-run at a known step)
 A new fault: a field, its parser in PARSERS, and its check in `before_step` (which sees the rank's
 DistInfo: rank, local rank, world size) or `in_save`.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass, replace
 
 from cat_ds.config import ConfigError
@@ -27,7 +30,11 @@ def _pair(text: str) -> tuple[int, int]:
     return int(a), int(b)
 
 
-PARSERS = {"raise_at": _pair, "sigkill_at": int, "signal_at": _pair, "kill_in_save": int}
+def _pairs(text: str) -> tuple[tuple[int, int], ...]:
+    return tuple(_pair(p) for p in text.split(","))
+
+
+PARSERS = {"raise_at": _pair, "sigkill_at": int, "signal_at": _pair, "kill_in_save": int, "pause_at": _pairs}
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,7 @@ class Faults:
     sigkill_at: int | None = None  # step
     signal_at: tuple[int, int] | None = None  # (step, signum)
     kill_in_save: int | None = None  # step
+    pause_at: tuple[tuple[int, int], ...] = ()  # (step, seconds), ...
 
     @classmethod
     def parse(cls, text: str | None) -> "Faults | None":
@@ -63,6 +71,9 @@ class Faults:
             os.kill(os.getpid(), signal.SIGKILL)
         if self.signal_at is not None and self.signal_at[0] == step:
             os.kill(os.getpid(), self.signal_at[1])
+        for at, seconds in self.pause_at:
+            if at == step:
+                time.sleep(seconds)
 
     def in_save(self, step: int, rank: int) -> None:
         if self.kill_in_save == step and rank == 0:

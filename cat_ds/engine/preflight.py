@@ -76,8 +76,6 @@ def check_model(cfg: Config) -> None:
     from cat_ds.sources import NAMED, SourceError, named_gguf
 
     m = cfg.model
-    expected = ("expected a Hugging Face model directory (config.json, weights, tokenizer), a .gguf file, "
-                f"one of {', '.join(NAMED)}, or a hub id (org/name)")
     if m.config and not Path(m.config).is_file():
         raise ConfigError(f"model.config: {m.config}: no such file (a Hugging Face config.json to build a model from)")
     if m.config:
@@ -93,29 +91,38 @@ def check_model(cfg: Config) -> None:
         except SourceError as e:
             raise ConfigError(f"model.name_or_path: {e}") from None
         return
+    expected = ("expected a Hugging Face model directory (config.json, weights, tokenizer), a .gguf file, "
+                f"one of {', '.join(NAMED)}, or a hub id (org/name)")
     path = Path(spec).expanduser()
     if path.is_file():
-        if path.suffix != ".gguf":
-            raise ConfigError(f"model.name_or_path: {spec}: a file, but not a .gguf; {expected}")
-        try:
-            with open(path, "rb") as fh:
-                fh.read(4)
-        except OSError as e:
-            raise ConfigError(f"model.name_or_path: {spec}: cannot read this file: {e.strerror or e}") from None
-        return  # its content is checked (magic bytes, architecture) when it is converted
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"model.name_or_path: {spec}: no config.json in this directory; {expected}")
-        _json_file(path / "config.json", "model.name_or_path")
-        if not any(next(path.glob(w), None) for w in WEIGHTS):
-            raise ConfigError(f"model.name_or_path: {spec}: no weights (*.safetensors or pytorch_model*.bin) "
-                              "in this directory")
-        if not m.tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
-            raise ConfigError(f"model.name_or_path: {spec}: no tokenizer in this directory (tokenizer.json, ...); "
-                              "add one or set model.tokenizer")
-        return
-    if _looks_like_path(spec):
+        _check_gguf_file(path, spec, expected)
+    elif path.is_dir():
+        _check_model_dir(path, spec, expected, has_tokenizer=bool(m.tokenizer))
+    elif _looks_like_path(spec):
         raise ConfigError(f"model.name_or_path: {spec}: no such file or directory; {expected}")
+
+
+def _check_gguf_file(path: Path, spec: str, expected: str) -> None:
+    """Readable and named .gguf; its content (magic bytes, architecture) is checked when it is converted."""
+    if path.suffix != ".gguf":
+        raise ConfigError(f"model.name_or_path: {spec}: a file, but not a .gguf; {expected}")
+    try:
+        with open(path, "rb") as fh:
+            fh.read(4)
+    except OSError as e:
+        raise ConfigError(f"model.name_or_path: {spec}: cannot read this file: {e.strerror or e}") from None
+
+
+def _check_model_dir(path: Path, spec: str, expected: str, has_tokenizer: bool) -> None:
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.name_or_path: {spec}: no config.json in this directory; {expected}")
+    _json_file(path / "config.json", "model.name_or_path")
+    if not any(next(path.glob(w), None) for w in WEIGHTS):
+        raise ConfigError(f"model.name_or_path: {spec}: no weights (*.safetensors or pytorch_model*.bin) "
+                          "in this directory")
+    if not has_tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(f"model.name_or_path: {spec}: no tokenizer in this directory (tokenizer.json, ...); "
+                          "add one or set model.tokenizer")
 
 
 def _generated_records(path: Path) -> int:

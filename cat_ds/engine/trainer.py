@@ -25,14 +25,14 @@ import torch
 
 from cat_ds.config import Config, dump_yaml
 from cat_ds.engine import checkpoint
-from cat_ds.engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from cat_ds.engine.distributed import DistInfo, all_reduce_sum, exit_on_lost_peer, init_distributed, use_timeout
 from cat_ds.engine.ds_config import checkpoint_root, final_ds_config, load_ds_config, zero_stage
 from cat_ds.engine.export import export_checkpoint, write_hf_files
 from cat_ds.engine.faults import Faults
 from cat_ds.engine.normalization import LossScale
-from cat_ds.engine.prepare import main_rank_first, prepare_files
+from cat_ds.engine.prepare import main_rank_first, prepare_rank, tokenize_train
 from cat_ds.reattention import CatContext, amplitude, count_rows, reattention_loss, select
-from cat_ds.schedule import schedule
+from cat_ds.schedule import check_schedule, schedule
 from cat_ds.tracking.base import run_logger
 
 
@@ -90,10 +90,8 @@ class Trainer:
     def setup(self) -> None:
         """Files and data (main rank first), the ds_config, the model under ZeRO, DeepSpeed, resume, logger."""
         self.info = self.info or init_distributed()
-        if self.info.is_main:
-            Path(self.cfg.output_dir).mkdir(parents=True, exist_ok=True)
-            prepare_files(self.cfg)
-        barrier()
+        use_timeout("setup")  # rank 0 may convert or tokenise for long while the others wait
+        prepare_rank(self.cfg, self.info)  # rank 0: shared files; each node's local rank 0: its model
         self._load_data()
         self._build_engine()
         torch.manual_seed(self.cfg.train.seed)
@@ -109,19 +107,18 @@ class Trainer:
             from cat_ds.evaluation import Evaluator
 
             self.evaluator = Evaluator.from_config(self.cfg, self.tokenizer, self.dataset)
+        use_timeout("train")
 
     def _load_data(self) -> None:
         from cat_ds.data.collate import CatCollator
-        from cat_ds.engine.data import StepBatches, default_cache_dir, tokenize_dataset
+        from cat_ds.engine.data import StepBatches
         from cat_ds.engine.model import load_tokenizer
 
         cfg, info = self.cfg, self.info
         self.tokenizer = load_tokenizer(cfg)
-        cache = cfg.data.cache_dir or default_cache_dir(cfg.output_dir)
-        self.dataset = main_rank_first(info, lambda: tokenize_dataset(
-            cfg.data.train, self.tokenizer, max_length=cfg.data.max_length, min_gap=cfg.cat.min_gap, cache_dir=cache,
-            chat_template=cfg.data.chat_template, columns=cfg.data.columns))
+        self.dataset = main_rank_first(info, lambda: tokenize_train(cfg, self.tokenizer))
         self.schedule = schedule(cfg, info.world_size, len(self.dataset))
+        check_schedule(self.schedule, cfg)  # the launcher checked already; a direct srun/torchrun did not
         self.batches = StepBatches(self.dataset, CatCollator(self.tokenizer.pad_token_id), self.schedule,
                                    rank=info.rank, seed=cfg.train.seed)
         self.loss_scale = LossScale.of(cfg.train.grad_accum, info.world_size)
@@ -359,6 +356,11 @@ class Trainer:
         if self.logger is not None:
             self.logger.close("FINISHED" if status in ("finished", "stopped") else "FAILED")
 
+    def where(self) -> tuple[str, str]:
+        """For the line a lost peer prints: what was running, and the checkpoint a resume continues from."""
+        what = f"step {self.step + 1}" if self.step < self.schedule.total_steps else "the final evaluation or save"
+        return what, checkpoint.tag_for(self.last_saved) if self.last_saved >= 0 else "step 0 (no checkpoint yet)"
+
     def _say(self, msg: str) -> None:
         if self.info.is_main:
             print(f"[cat-ds] {msg}", flush=True)
@@ -369,7 +371,8 @@ def run(cfg: Config, ds_config_path: str, *, resume: str | None = None, faults: 
     trainer, status = Trainer(cfg, ds_config_path, resume=resume, faults=faults), "failed"
     try:
         trainer.setup()
-        status = trainer.train()
+        with exit_on_lost_peer(trainer.where):  # a lost node: one line naming it, then exit
+            status = trainer.train()
     finally:
         trainer.cleanup(status)
     return status

@@ -18,8 +18,8 @@ import html
 import json
 from pathlib import Path
 
-from cat_ds.evaluation.attention_map import CAUSAL, NON_CAUSAL, REST, STG_FIELDS, AttentionTable, RecordMap, \
-    field_role, ordered_groups
+from cat_ds.evaluation.attention_map import CAUSAL, NON_CAUSAL, STG_FIELDS, AttentionTable, RecordMap, field_role, \
+    ordered_groups
 from cat_ds.tracking.plots import _save, plt  # Agg already selected there
 
 FONT = 9
@@ -188,7 +188,7 @@ def to_markdown(table: AttentionTable) -> str:
 
 
 CSS = """body{font-family:sans-serif;margin:1.5em;max-width:1100px}
-.tok{font-family:"DejaVu Sans Mono",monospace;font-size:13px;line-height:1.9;white-space:pre}
+.tok{font-family:"DejaVu Sans Mono",monospace;font-size:13px;line-height:1.9;white-space:pre-wrap}
 .c{border-bottom:3px solid #1f5fbf}.a{outline:1.5px solid #1a8f3a}
 .model{margin:.4em 0 .8em}.label{font-weight:bold;font-size:13px}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px}"""
