@@ -55,7 +55,7 @@ def test_two_hosts_own_names_homes_and_a_shared_dir(multihost_cluster):  # noqa:
 
 
 # ---- training across the hosts ------------------------------------------------------------
-STEPS = 2
+STEPS = 1
 SMOL = {  # SmolLM2 with CAT under ZeRO-3 and activation checkpointing: a few short steps
     "output_dir": "runs/smol",
     "model": {"name_or_path": "smollm2-135m-instruct", "gradient_checkpointing": True},
@@ -63,7 +63,7 @@ SMOL = {  # SmolLM2 with CAT under ZeRO-3 and activation checkpointing: a few sh
     "train": {"micro_batch_size": 1, "grad_accum": 1, "max_steps": STEPS, "warmup_steps": 0, "lr": 1e-4,
               "save_every": 0, "log_every": 1, "export": True},
     "cat": {"enabled": True, "heads": "all"},
-    "eval": {"every": 0, "limit": 2, "batch_size": 2, "probe_size": 0},
+    "eval": {"every": 0, "limit": 1, "batch_size": 1, "probe_size": 0},
     "tracking": {"mlflow": False},
 }
 
@@ -257,7 +257,7 @@ def test_preemption_node_loss_and_stale_latest_resume_bit_exact(multihost_cluste
     submit = ["--nodes", "2", "--chdir", str(workdir), str(REPO / "slurm" / "train_cat.sbatch"),
               "--config", "configs/stg_tiny.yaml", "--set", "output_dir=runs/chain", *TINY_SET]
     env = {**_job_env(), "NPROC_PER_NODE": "2"}
-    job_id = c.sbatch(submit, env={**env, "CAT_DS_TEST_FAULTS": "pause_at=1:8,6:5"})
+    job_id = c.sbatch(submit, env={**env, "CAT_DS_TEST_FAULTS": "pause_at=1:5,6:3"})
     log_path = workdir / "logs" / f"cat-ds-{job_id}.out"
 
     # 1. preemption
@@ -323,7 +323,7 @@ def test_unreachable_rendezvous_fails_fast_in_one_line(multihost_cluster, workdi
     c = multihost_cluster
     bad = "10.213.9.77"  # in the test subnet, no host
     t0 = time.monotonic()
-    script = _direct_script(workdir, "badaddr", f"export MASTER_ADDR={bad} CAT_DS_RDZV_TIMEOUT=10\n", per_node=1)
+    script = _direct_script(workdir, "badaddr", f"export MASTER_ADDR={bad} CAT_DS_RDZV_TIMEOUT=5\n", per_node=1)
     job_id = c.sbatch(["--nodes", "2", "--ntasks-per-node", "1", "--time", "4", "--chdir", str(workdir), str(script)],
                       env=_job_env())
     (job,) = c.wait(job_id, timeout=180)
@@ -334,5 +334,5 @@ def test_unreachable_rendezvous_fails_fast_in_one_line(multihost_cluster, workdi
     lines = [line for line in log.splitlines() if "could not join the process group" in line]
     assert lines, log[-4000:]
     assert f"MASTER_ADDR={bad}" in lines[0] and "GLOO_SOCKET_IFNAME=eth0" in lines[0]
-    assert "NCCL_SOCKET_IFNAME" in lines[0] and "within 10 s" in lines[0]
+    assert "NCCL_SOCKET_IFNAME" in lines[0] and "within 5 s" in lines[0]
     assert "Traceback" not in log, log[-4000:]

@@ -16,10 +16,13 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cat_ds.config import Config
 from cat_ds.data.stg import ensure_stg
-from cat_ds.engine.distributed import DistInfo, barrier
+
+if TYPE_CHECKING:  # torch only where ranks exist: `cat-ds prepare` on a node with nothing to do stays light
+    from cat_ds.engine.distributed import DistInfo
 
 
 def prepare_files(cfg: Config) -> None:
@@ -69,6 +72,8 @@ def prepare_node(cfg: Config, node_id: int | None = None) -> str:
 def prepare_rank(cfg: Config, info: DistInfo) -> None:
     """Every rank, in set-up: rank 0 makes the shared files, every other node's local rank 0 converts the
     model into its own cache; the others wait (barrier) before looking."""
+    from cat_ds.engine.distributed import barrier
+
     if info.is_main:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         prepare_files(cfg)
@@ -81,6 +86,8 @@ def prepare_rank(cfg: Config, info: DistInfo) -> None:
 
 def main_rank_first(info: DistInfo, fn):
     """Run fn on rank 0, then on the others (they reuse what rank 0 wrote: files, caches)."""
+    from cat_ds.engine.distributed import barrier
+
     if info.is_main:
         out = fn()
         barrier()
