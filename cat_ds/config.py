@@ -125,6 +125,7 @@ class EvalConfig:
     limit: int | None = None  # evaluate only the first N records of each set
     newline_cut: bool | None = None  # cut at the first newline; None: on unless a target has one / gsm8k
     probe_size: int = 16  # supervised train records scored for per-layer attention ratios; 0: off
+    attention_records: int = 4  # records per eval set drawn as attention pictures at each evaluation; 0: off
     best_metric: str | None = None  # e.g. eval/ood/accuracy: keep OUTPUT_DIR/best/checkpoints (one)
     best_mode: str = "max"  # max | min
 
@@ -335,7 +336,7 @@ def validate(cfg: Config, src: str = "<config>", lines: dict[str, int] | None = 
             err(key, f"must be >= {lo}, got {v}")
     for key, v in [("train.lr", t.lr), ("train.weight_decay", t.weight_decay), ("train.warmup_steps", t.warmup_steps),
                    ("train.save_every", t.save_every), ("train.grad_clip", t.grad_clip), ("cat.decay", cfg.cat.decay),
-                   ("eval.every", cfg.eval.every)]:
+                   ("eval.every", cfg.eval.every), ("eval.attention_records", cfg.eval.attention_records)]:
         if v < 0:
             err(key, f"must be >= 0, got {v}")
     lora = cfg.model.lora

@@ -101,6 +101,10 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         model.hf_quantizer = None  # else save_pretrained refuses ("quantized with gguf")
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        if not (tmp / "config.json").is_file() or not any(tmp.glob("*.safetensors")):
+            # transformers' save_pretrained writes nothing on a torch.distributed rank other than 0
+            raise SourceError(f"{gguf}: the conversion wrote no config or weights (run it in a process "
+                              "outside a process group, or on rank 0); nothing was kept")
         (tmp / "cat_ds_source.json").write_text(json.dumps({"gguf": gguf.name, "sha256_20": file_digest(gguf)}) + "\n")
         try:
             os.replace(tmp, out)  # atomic on one filesystem

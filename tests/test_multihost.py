@@ -63,7 +63,7 @@ SMOL = {  # SmolLM2 with CAT under ZeRO-3 and activation checkpointing: a few sh
     "train": {"micro_batch_size": 1, "grad_accum": 1, "max_steps": STEPS, "warmup_steps": 0, "lr": 1e-4,
               "save_every": 0, "log_every": 1, "export": True},
     "cat": {"enabled": True, "heads": "all"},
-    "eval": {"every": 0, "limit": 1, "batch_size": 1, "probe_size": 0},
+    "eval": {"every": 0, "limit": 1, "batch_size": 1, "probe_size": 0, "attention_records": 0},
     "tracking": {"mlflow": False},
 }
 
@@ -163,7 +163,7 @@ def test_doctor_names_a_node_without_the_shared_directory(multihost_cluster):  #
     mount = c.host_run("node2", ["mount", "--bind", str(private), str(out)])
     assert mount.returncode == 0, mount.stderr
     try:
-        r, lines, took = _doctor(c, "--output-dir", str(out), "--wait", "5")
+        r, lines, took = _doctor(c, "--output-dir", str(out), "--wait", "3")
     finally:
         assert c.host_run("node2", ["umount", str(out)]).returncode == 0
     print(f"[multihost] doctor (bad): {took:.0f} s")
@@ -177,7 +177,8 @@ def test_doctor_names_a_node_without_the_shared_directory(multihost_cluster):  #
 TINY_STEPS, TINY_SAVE = 10, 4
 TINY_SET = [f"train.max_steps={TINY_STEPS}", "train.micro_batch_size=2", "train.warmup_steps=2",
             f"train.save_every={TINY_SAVE}", "train.keep_last=3", "train.log_every=1", "train.export=true",
-            "eval.limit=2", "eval.batch_size=2", "eval.probe_size=0", "data.max_length=64"]
+            "eval.limit=2", "eval.batch_size=2", "eval.probe_size=0", "eval.attention_records=0",
+            "data.max_length=64"]
 TIMING = {"tokens_per_s", "step_time_s"}  # wall-clock fields: differ between any two runs
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -50,6 +51,18 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+class StopSignal:
+    """SIGTERM/SIGUSR1 (Slurm's preemption / time limit) set a flag; ranks agree on it at the step's end."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
 
 
 def _free_port() -> int:

@@ -8,6 +8,7 @@ weights, whatever the world size).
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -127,3 +128,29 @@ def describe(model, *, zero_stage: int, world_size: int, lora) -> list[str]:
         lines.append(f"LoRA r={lora.r} on {', '.join(lora.target_modules)}: {n_train:,} trainable parameters "
                      f"({100 * n_train / n_all:.2f} %)")
     return lines
+
+
+def takes_logits_mask(model) -> bool:
+    """The model's forward takes a boolean logits_to_keep mask (transformers >= 5, most CausalLMs)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def answer_lm_loss(engine, batch: dict, extra: dict, keep_logits: bool) -> torch.Tensor:
+    """The LM loss (mean over answer tokens, or sum / extra["num_items_in_batch"]); `extra` may carry
+    the CAT context ("cat").
+
+    Why not `labels=`: the model would project every position onto the vocabulary (49k x 576
+    on SmolLM2: a fifth of the step's FLOPs) while only the few answer positions carry a label.
+    `logits_to_keep` (a boolean mask, transformers >= 5) keeps just those; transformers' own
+    loss function then gets their shifted labels. Same loss, same gradients."""
+    labels = batch["labels"]
+    if not keep_logits:
+        return engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                      **extra).loss
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100  # position t predicts token t + 1
+    cat = {"cat": extra["cat"]} if "cat" in extra else {}
+    out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep, **cat)
+    items = {"num_items_in_batch": extra["num_items_in_batch"]} if "num_items_in_batch" in extra else {}
+    return engine.module.loss_function(logits=out.logits, labels=None, vocab_size=out.logits.shape[-1],
+                                       shift_labels=labels[:, 1:][keep[:, :-1]], **items)

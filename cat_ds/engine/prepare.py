@@ -78,10 +78,30 @@ def prepare_rank(cfg: Config, info: DistInfo) -> None:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         prepare_files(cfg)
     elif info.local_rank == 0 and cfg.model.name_or_path:
-        from cat_ds.engine.model import model_source
-
-        model_source(cfg, convert=True)
+        _convert_outside_the_group(cfg)
     barrier()
+
+
+def _convert_outside_the_group(cfg: Config) -> None:
+    """A GGUF conversion on a rank other than 0, in a child process: inside a process group transformers'
+    save_pretrained writes only on rank 0, so this rank would save no weights. Nothing to do once cached."""
+    import subprocess
+    import sys
+
+    from cat_ds.config import ConfigError
+    from cat_ds.sources import SourceError, resolve
+
+    try:
+        resolve(cfg.model.name_or_path, convert=False)
+        return
+    except SourceError:
+        pass
+    code = "import sys; from cat_ds.sources import resolve; resolve(sys.argv[1])"
+    r = subprocess.run([sys.executable, "-P", "-c", code, cfg.model.name_or_path], stderr=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise ConfigError(f"model.name_or_path: converting {cfg.model.name_or_path} on {socket.gethostname()} "
+                          f"failed: {last}")
 
 
 def main_rank_first(info: DistInfo, fn):

@@ -11,10 +11,8 @@ tokens_per_s, attn_ratio, step_time_s.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import math
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -25,10 +23,12 @@ import torch
 
 from cat_ds.config import Config, dump_yaml
 from cat_ds.engine import checkpoint
-from cat_ds.engine.distributed import DistInfo, all_reduce_sum, exit_on_lost_peer, init_distributed, use_timeout
+from cat_ds.engine.distributed import (DistInfo, StopSignal, all_reduce_sum, exit_on_lost_peer, init_distributed,
+                                      use_timeout)
 from cat_ds.engine.ds_config import checkpoint_root, final_ds_config, load_ds_config, zero_stage
 from cat_ds.engine.export import export_checkpoint, write_hf_files
 from cat_ds.engine.faults import Faults
+from cat_ds.engine.model import answer_lm_loss, takes_logits_mask
 from cat_ds.engine.normalization import LossScale
 from cat_ds.engine.prepare import main_rank_first, prepare_rank, tokenize_train
 from cat_ds.reattention import CatContext, amplitude, count_rows, reattention_loss, select
@@ -61,18 +61,6 @@ class StepStats:
 class StepResult:
     metrics: dict[str, float]
     stop: bool  # every rank agrees: a stop signal reached some rank
-
-
-class StopSignal:
-    """SIGTERM/SIGUSR1 (Slurm's preemption / time limit) set a flag; ranks agree on it at the step's end."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.requested = True
 
 
 class Trainer:
@@ -148,8 +136,7 @@ class Trainer:
                                                model_parameters=[p for p in model.parameters() if p.requires_grad])
         model_config = self.engine.module.config
         self.num_layers, self.num_heads = model_config.num_hidden_layers, model_config.num_attention_heads
-        # The model's forward takes a boolean logits_to_keep mask (transformers >= 5, most CausalLMs).
-        self.keep_logits = "logits_to_keep" in inspect.signature(self.engine.module.forward).parameters
+        self.keep_logits = takes_logits_mask(self.engine.module)
 
     def _write_run_files(self) -> None:
         out, s = Path(self.cfg.output_dir), self.schedule
@@ -259,7 +246,7 @@ class Trainer:
             layers, heads = selection
             context = CatContext.from_batch(batch, layers=layers, heads=heads, num_heads=self.num_heads)
             extra["cat"] = context
-        lm_loss = self._forward(batch, extra)
+        lm_loss = answer_lm_loss(self.engine, batch, extra, self.keep_logits)
         loss, zero = lm_loss, torch.zeros((), dtype=torch.float64, device=dev)
         stats = StepStats(scale.lm_share(lm_loss.detach().double()), zero, zero, zero,
                           batch["attention_mask"].sum().double())
@@ -275,25 +262,6 @@ class Trainer:
         self.engine.backward(loss)
         self.engine.step()
         return stats
-
-    def _forward(self, batch: dict, extra: dict) -> torch.Tensor:
-        """The model's forward and LM loss (mean over answer tokens, or sum / num_items_in_batch).
-
-        Why not `labels=`: the model would project every position onto the vocabulary (49k x 576
-        on SmolLM2: a fifth of the step's FLOPs) while only the few answer positions carry a label.
-        `logits_to_keep` (a boolean mask, transformers >= 5) keeps just those; transformers' own
-        loss function then gets their shifted labels. Same loss, same gradients."""
-        engine, labels = self.engine, batch["labels"]
-        if not self.keep_logits:
-            return engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
-                          **extra).loss
-        keep = torch.zeros_like(labels, dtype=torch.bool)
-        keep[:, :-1] = labels[:, 1:] != -100  # position t predicts token t + 1
-        cat = {"cat": extra["cat"]} if "cat" in extra else {}
-        out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep, **cat)
-        items = {"num_items_in_batch": extra["num_items_in_batch"]} if "num_items_in_batch" in extra else {}
-        return engine.module.loss_function(logits=out.logits, labels=None, vocab_size=out.logits.shape[-1],
-                                           shift_labels=labels[:, 1:][keep[:, :-1]], **items)
 
     def _progress_bar(self):
         from tqdm import tqdm

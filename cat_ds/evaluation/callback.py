@@ -106,7 +106,7 @@ class Evaluator:
                    probe_records=probe, probe_examples=train_examples, probe_size=probe_size,
                    max_length=cfg.data.max_length,
                    best_metric=getattr(ev, "best_metric", None), best_mode=getattr(ev, "best_mode", "max"),
-                   attention_records=getattr(ev, "attention_records", 4))
+                   attention_records=ev.attention_records)
 
     def __call__(self, model, step: int, *, rank: int | None = None, world_size: int | None = None) -> EvalOutput:
         import torch.distributed as dist
