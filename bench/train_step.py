@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     info = init_distributed()
     over = list(args.overrides) + ["train.grad_accum=1", "train.save_every=0", "train.export=false",
-                                   f"output_dir=runs/bench_train_step"]
+                                   "output_dir=runs/bench_train_step"]
     if args.model_config:
         over += [f"model.config={args.model_config}"]
     if args.micro_batch:

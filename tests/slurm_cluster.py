@@ -11,6 +11,7 @@ Use the `slurm_cluster` fixture (import it into the test module).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -315,3 +316,25 @@ def slurm_cluster(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+# ---- reading a run's metrics.jsonl while a job writes it (test_slurm.py, test_multihost.py) ----
+TIMING = {"tokens_per_s", "step_time_s"}  # wall-clock fields: differ between any two runs
+
+
+def run_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl rows without the wall-clock fields (what two identical runs share)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def steps_so_far(run_dir: Path) -> int:
+    """Last optimizer step in a metrics.jsonl being written (a half-written line is skipped)."""
+    path, last = run_dir / "metrics.jsonl", 0
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        last = max(last, row["step"] if "loss" in row else 0)
+    return last

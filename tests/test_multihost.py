@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from multihost_cluster import HOSTS, multihost_cluster  # noqa: F401  (fixture)
-from slurm_cluster import TERMINAL
+from slurm_cluster import TERMINAL, run_metrics, steps_so_far
 
 pytestmark = [pytest.mark.multihost, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -179,7 +179,6 @@ TINY_SET = [f"train.max_steps={TINY_STEPS}", "train.micro_batch_size=2", "train.
             f"train.save_every={TINY_SAVE}", "train.keep_last=3", "train.log_every=1", "train.export=true",
             "eval.limit=2", "eval.batch_size=2", "eval.probe_size=0", "eval.attention_records=0",
             "data.max_length=64"]
-TIMING = {"tokens_per_s", "step_time_s"}  # wall-clock fields: differ between any two runs
 
 
 def _direct_script(wd: Path, name: str, env_lines: str = "", per_node: int = 2) -> Path:
@@ -192,23 +191,6 @@ def _direct_script(wd: Path, name: str, env_lines: str = "", per_node: int = 2) 
         f"srun --ntasks-per-node {per_node} --kill-on-bad-exit=1 {sys.executable} -m cat_ds.train "
         f"--config configs/stg_tiny.yaml --ds_config zero3 {args}\n")
     return script
-
-
-def _metrics(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
-
-
-def _steps_so_far(run: Path) -> int:
-    """Last optimizer step in a metrics.jsonl being written (a half-written line is skipped)."""
-    path, last = run / "metrics.jsonl", 0
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        last = max(last, row["step"] if "loss" in row else 0)
-    return last
 
 
 def _weights(run: Path) -> dict:
@@ -233,7 +215,7 @@ def test_direct_srun_launch_across_hosts(direct_run):
     job, log, run = direct_run
     assert job["JobState"] == "COMPLETED", log[-6000:]
     assert json.loads((run / "run.json").read_text())["world_size"] == 4
-    assert [r["step"] for r in _metrics(run) if "loss" in r] == list(range(1, TINY_STEPS + 1))
+    assert [r["step"] for r in run_metrics(run) if "loss" in r] == list(range(1, TINY_STEPS + 1))
     assert (run / "export" / "model.safetensors").is_file()
 
 
@@ -262,9 +244,9 @@ def test_preemption_node_loss_and_stale_latest_resume_bit_exact(multihost_cluste
     log_path = workdir / "logs" / f"cat-ds-{job_id}.out"
 
     # 1. preemption
-    _until(c, job_id, log_path, lambda: _steps_so_far(run) >= 1, 300, "step 1")
+    _until(c, job_id, log_path, lambda: steps_so_far(run) >= 1, 300, "step 1")
     c.scancel_batch_signal(job_id, "USR1")
-    _until(c, job_id, log_path, lambda: "(restart 1)" in _out(log_path) and _steps_so_far(run) >= 6, 300,
+    _until(c, job_id, log_path, lambda: "(restart 1)" in _out(log_path) and steps_so_far(run) >= 6, 300,
            "the requeued run's step 6")
     log = _out(log_path)
     assert "stop signal received: saving at step 2" in log and "training stopped (rc=0); requeueing" in log, log
@@ -303,7 +285,7 @@ def test_preemption_node_loss_and_stale_latest_resume_bit_exact(multihost_cluste
           f"(resumed from step {TINY_SAVE} after step 6 had finished)")
     assert job2["JobState"] == "COMPLETED", log2[-6000:]
     assert re.findall(r"resumed from (\S+) \(step (\d+)", log2) == [("step_00000004", "4")], log2[-6000:]
-    got, want = _metrics(run), _metrics(direct_run[2])
+    got, want = run_metrics(run), run_metrics(direct_run[2])
     assert [r["step"] for r in got] == [r["step"] for r in want]
     for g, w in zip(got, want):
         assert g == pytest.approx(w, rel=1e-5, abs=1e-7), (g, w)

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
+from slurm_cluster import run_metrics, slurm_cluster, steps_so_far  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 CAT_DS = str(Path(sys.executable).parent / "cat-ds")
 STEPS = 24  # short, but long enough to preempt mid-run (~0.4 s per step on one core per rank)
 TRAIN_SET = ["--set", f"train.max_steps={STEPS}", "train.save_every=8", "train.log_every=4", "eval.limit=10"]
-TIMING = {"tokens_per_s", "step_time_s"}  # wall-clock fields: differ between any two runs
 
 
 def test_slurm_smoke_two_nodes(slurm_cluster, tmp_path):  # noqa: F811
@@ -65,23 +64,6 @@ def _log(wd: Path, name: str) -> str:
     return p.read_text(errors="replace") if p.exists() else f"<no {p}>"
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
-
-
-def _steps_so_far(run_dir: Path) -> int:
-    """Last optimizer step in a metrics.jsonl being written (a half-written line is skipped)."""
-    path, last = run_dir / "metrics.jsonl", 0
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        last = max(last, row["step"] if "loss" in row else 0)
-    return last
-
-
 @pytest.fixture(scope="module")
 def full_run(slurm_cluster, workdir):  # noqa: F811
     """One uninterrupted 2-node run: test (1), and the reference for the preemption test."""
@@ -104,7 +86,7 @@ def test_train_two_nodes_world_size_2(full_run):
     assert {p.name for p in last.glob("zero_pp_rank_*_model_states.pt")} == {
         "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"}
     assert (run / "export" / "model.safetensors").is_file() and (run / "export" / "config.json").is_file()
-    steps = [r["step"] for r in _metrics(run) if "loss" in r]
+    steps = [r["step"] for r in run_metrics(run) if "loss" in r]
     assert steps == list(range(1, STEPS + 1))
 
 
@@ -118,7 +100,7 @@ def test_preempt_usr1_checkpoints_requeues_and_resumes(slurm_cluster, workdir, f
     log_name = f"cat-ds-{job_id}.out"
     deadline = time.monotonic() + 300
     while True:  # signal once a few steps are done
-        if _steps_so_far(run) >= 3:
+        if steps_so_far(run) >= 3:
             break
         (job,) = slurm_cluster.job(job_id)
         assert job["JobState"] in ("PENDING", "RUNNING") and time.monotonic() < deadline, (
@@ -135,7 +117,7 @@ def test_preempt_usr1_checkpoints_requeues_and_resumes(slurm_cluster, workdir, f
     assert "(restart 0)" in log and "(restart 1)" in log
     assert "training stopped (rc=0); requeueing" in log, log[-6000:]  # every rank exited cleanly
     # Steps continued (no restart from 0) and every logged value equals the uninterrupted run.
-    got, want = _metrics(run), _metrics(full_run[2])
+    got, want = run_metrics(run), run_metrics(full_run[2])
     assert [r["step"] for r in got] == [r["step"] for r in want]
     for g, w in zip(got, want):
         assert g.keys() == w.keys()

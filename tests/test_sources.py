@@ -3,7 +3,6 @@ pip package is imported, its logits equal transformers' own GGUF load, a second 
 the cache; bad files are refused by name and leave nothing behind."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
