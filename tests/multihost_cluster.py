@@ -46,6 +46,7 @@ HOSTS = {"node1": f"{SUBNET}.1", "node2": f"{SUBNET}.2"}
 CTLD_ADDR = f"{SUBNET}.254"
 BRIDGE = "catds-br0"
 HOSTS_FILE = Path("/etc/hosts")
+REPO = Path(__file__).resolve().parents[1]
 HOSTS_MARK = "# cat-ds multihost test"
 HOSTS_LINES = "".join(f"{a} {n} {HOSTS_MARK}\n" for n, a in HOSTS.items())
 
@@ -153,23 +154,21 @@ class MultiHostCluster(SlurmCluster):
                 "127.0.0.1 localhost\n" + "".join(f"{a} {n}\n" for n, a in HOSTS.items())
                 + f"{CTLD_ADDR} {os.uname().nodename.split('.')[0]}\n")
 
-    def _shared_home_entries(self) -> list[str]:
-        entries = [".cache/torch_extensions"]
-        for path in (Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve()):
-            if path.is_relative_to(self.home):
-                entries.append(path.relative_to(self.home).parts[0])
-        return sorted(set(entries))
+    def _visible(self) -> list[Path]:
+        """What every host sees at its usual path through its private HOME and /tmp: the shared
+        directory, the repository and the Python installation (a clone or venv may live in either)."""
+        paths = sorted({self.shared_root.resolve(), REPO, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()})
+        return [p for p in paths if not any(p != q and p.is_relative_to(q) for q in paths)]  # outermost only
 
     def slurmd_command(self, node: str) -> list[str]:
-        d, home, shared = self.host_dir(node), self.home, self.shared_root
-        in_tmp = d / "tmp" / shared.relative_to("/tmp") if shared.is_relative_to("/tmp") else None
+        d, home = self.host_dir(node), self.home
         steps = [f"hostname {node}", f"mount --bind {d / 'hosts'} /etc/hosts"]
-        for e in self._shared_home_entries():
-            steps += [f"mkdir -p {shlex.quote(str(d / 'home' / e))}",
-                      f"mount --rbind {shlex.quote(str(home / e))} {shlex.quote(str(d / 'home' / e))}"]
-        steps.append(f"mount --rbind {d / 'home'} {shlex.quote(str(home))}")
-        if in_tmp is not None:  # a private /tmp that still shows the shared directory at its path
-            steps += [f"mkdir -p {in_tmp}", f"mount --bind {shared} {in_tmp}", f"mount --rbind {d / 'tmp'} /tmp"]
+        for private, root in ((d / "home", home), (d / "tmp", Path("/tmp"))):
+            shown = [root / ".cache" / "torch_extensions"] if root == home else []  # compiled ops, shared
+            for path in shown + [p for p in self._visible() if p.is_relative_to(root)]:
+                inner = shlex.quote(str(private / path.relative_to(root)))
+                steps += [f"mkdir -p {inner}", f"mount --bind {shlex.quote(str(path))} {inner}"]
+            steps.append(f"mount --rbind {shlex.quote(str(private))} {shlex.quote(str(root))}")
         script = " && ".join(steps) + ' && exec "$@"'
         # nsenter, not `ip netns exec`: that remounts /sys, and slurmd needs /sys/fs/cgroup.
         return ["nsenter", f"--net=/run/netns/{node}", "--", "unshare", "--uts", "--mount", "--propagation",

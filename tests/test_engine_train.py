@@ -53,9 +53,9 @@ def test_reference_run_trains_and_checkpoints(reference):
         for k in ("step", "epoch", "loss", "lm_loss", "cat_loss", "amplitude", "lr", "grad_norm", "tokens_per_s"):
             assert k in r and r[k] == r[k], (k, r)  # present and not NaN
     assert rows[-1]["lm_loss"] < rows[0]["lm_loss"]  # it learns
-    # DeepSpeed's warm-up runs the first two optimizer steps at lr 0 (README, Training; the
-    # logged lr is the one the step used): if DeepSpeed changes that, the README must too.
-    assert [r["lr"] for r in rows[:3]] == [0.0, 0.0, 1.5e-3], [r["lr"] for r in rows[:3]]
+    # train.warmup_steps 0: step 1 at the peak, then WarmupDecayLR's linear decay over the 8 steps
+    # (README, Training; the logged lr is the one the step used).
+    assert [r["lr"] for r in rows[:3]] == pytest.approx([3e-3, 3e-3 * 7 / 8, 3e-3 * 6 / 8]), [r["lr"] for r in rows[:3]]
     ck = tmp / "ref2" / "checkpoints"
     assert (ck / "latest").read_text() == "step_00000008"
     assert sorted(p.name for p in ck.glob("step_*")) == ["step_00000006", "step_00000008"]  # keep_last 2
