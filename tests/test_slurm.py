@@ -128,7 +128,8 @@ def test_preempt_usr1_checkpoints_requeues_and_resumes(slurm_cluster, workdir, f
 def test_sweep_two_seeds_four_runs_compare(slurm_cluster, workdir):  # noqa: F811
     """2 modes x 2 seeds as a job array; `cat-ds compare` reads all four from one experiment."""
     job_id = _submit(slurm_cluster, workdir, "sweep.sbatch", ["--array=0-3"],
-                     ["--set", "train.max_steps=4", "train.save_every=0", "train.export=false", "eval.limit=10"],
+                     ["--set", "train.max_steps=4", "train.warmup_steps=0", "train.save_every=0", "train.export=false",
+                      "eval.limit=10"],
                      env={"SEEDS": "0 1", "SWEEP_DIR": "runs/sweep", "EXPERIMENT": "slurm-sweep",
                           "MLFLOW_TRACKING_URI": ""})
     tasks = slurm_cluster.wait(job_id, timeout=600)
