@@ -88,6 +88,11 @@ def attention_output(query, key, value, attention_mask, dropout: float, scaling:
     return out.transpose(1, 2).contiguous()
 
 
+def _score_dtype(query: torch.Tensor) -> torch.dtype:
+    """float32 for half inputs (as eager's softmax), else the input dtype."""
+    return torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+
+
 def _in_backward() -> bool:
     """True while the autograd engine runs a backward pass on this thread: an attention call then is
     a non-reentrant checkpoint recomputation (the loss was built before backward started, so what it
@@ -105,7 +110,7 @@ class _Rows:
         bsz, n_heads, seq, _ = query.shape
         self.bsz, self.n_heads, self.n_kv, self.seq = bsz, n_heads, key.shape[1], seq
         self.n_rep, self.idx, self.key_valid, self.scaling = n_heads // key.shape[1], idx, key_valid, scaling
-        self.acc = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+        self.acc = _score_dtype(query)
         self.heads = None if heads is None else heads.to(query.device)
         # Queries of the supervised rows, (B, Rmax, H, D): a gather, O(rows x H x D).
         q_rows = query.transpose(1, 2)[torch.arange(bsz, device=query.device)[:, None], idx.q_pad].to(self.acc)
@@ -155,8 +160,8 @@ class _CausalMass(torch.autograd.Function):
         fctx.spec = spec
         fctx.save_for_backward(query, key)
         if skip:  # a checkpoint recomputation: only the saved tensors matter (their number and order)
-            acc = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
-            return query.new_zeros((num_rows, query.shape[1] if heads is None else heads.numel()), dtype=acc)
+            return query.new_zeros((num_rows, query.shape[1] if heads is None else heads.numel()),
+                                   dtype=_score_dtype(query))
         rows = _Rows(query, key, idx, heads, key_valid, chunk_elems, scaling)
         out = torch.zeros((num_rows, rows.h), dtype=rows.acc, device=query.device)
         for s0, s1 in rows.ranges:
@@ -204,7 +209,7 @@ class _CausalMass(torch.autograd.Function):
 
 
 def causal_mass(query: torch.Tensor, key: torch.Tensor, ctx: CatContext, layer_idx: int,
-                scaling: float) -> torch.Tensor:
+                scaling: float, recomputing: bool | None = None) -> torch.Tensor:
     """Attention mass on each supervised row's causal columns: (R, h) for the layer's selected heads.
 
     query (B, H, T, D), key (B, Hkv, T, D), post-RoPE. Scores, softmax and mass in float32 for
@@ -217,7 +222,7 @@ def causal_mass(query: torch.Tensor, key: torch.Tensor, ctx: CatContext, layer_i
         key_valid = ctx.key_padding_mask.to(device=query.device, dtype=torch.bool)[:, :seq]
     spec = (ctx.row_index(query.device, bsz, seq), ctx.heads_for(layer_idx), key_valid, ctx.chunk_elems, scaling,
             ctx.num_rows)
-    return _CausalMass.apply(query, key, spec, _in_backward())
+    return _CausalMass.apply(query, key, spec, _in_backward() if recomputing is None else recomputing)
 
 
 def cat_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -235,8 +240,9 @@ def cat_attention(module, query, key, value, attention_mask, dropout: float = 0.
         if query.shape[2] != key.shape[2]:
             raise ValueError("CAT supervision needs a full forward pass without a KV cache "
                              f"(layer {layer_idx}: q_len={query.shape[2]}, k_len={key.shape[2]})")
-        mass = causal_mass(query, key, cat, layer_idx, scaling)
-        if not _in_backward():  # a recomputation's result feeds nothing: keeping it would keep its graph alive
+        recomputing = _in_backward()
+        mass = causal_mass(query, key, cat, layer_idx, scaling, recomputing)
+        if not recomputing:  # a recomputation's result feeds nothing: keeping it would keep its graph alive
             cat.mass[layer_idx] = mass  # overwrite, never append
     return out, None
 
