@@ -17,7 +17,7 @@ VENV_BIN = Path(sys.executable).parent
 
 TINY_MODEL = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "max_position_embeddings": 256, "tie_word_embeddings": False}
+              "max_position_embeddings": 256, "tie_word_embeddings": True}  # tied, as SmolLM2
 # Metrics that must match exactly between runs (timing ones never do).
 STATE_KEYS = ("step", "epoch", "loss", "lm_loss", "cat_loss", "amplitude", "lr", "grad_norm", "attn_ratio")
 

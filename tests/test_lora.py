@@ -1,6 +1,7 @@
 """LoRA (peft) in the engine: CAT's gradient reaches the adapters and equals the dense reference;
-2 ranks of ZeRO-3 with CAT train, stop, resume bit-exactly from a checkpoint that holds only the
-adapters, and export an adapter and a merged model that agree."""
+2 ranks of ZeRO-3 with CAT train the real SmolLM2's adapters into a checkpoint that holds only them and
+export an adapter and a merged model that agree; under ZeRO-2 and ZeRO-3 a run stopped and resumed
+from such a checkpoint equals the uninterrupted one, bit for bit (the tiny model: seconds per run)."""
 from __future__ import annotations
 
 import copy
@@ -78,48 +79,49 @@ def test_an_unknown_target_module_lists_the_models_linear_modules():
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 
-def _ref_cut_resume(tmp, common, ds_config, env=None):
-    env = env or {}
-    ref = launch(write_config(tmp, "ref", **common), 2, launcher="torchrun", ds_config=ds_config, env=env, timeout=600)
+def _ref_cut_resume(tmp, common, ds_config):
+    ref = launch(write_config(tmp, "ref", **common), 2, launcher="torchrun", ds_config=ds_config, timeout=600)
     assert ref.returncode == 0, tail(ref)
     cut_cfg = write_config(tmp, "cut", **common)
-    first = launch(cut_cfg, 2, env={**env, "CAT_DS_TEST_FAULTS": f"signal_at=2:{int(signal.SIGTERM)}"}, launcher="torchrun",
+    first = launch(cut_cfg, 2, env={"CAT_DS_TEST_FAULTS": f"signal_at=2:{int(signal.SIGTERM)}"}, launcher="torchrun",
                    ds_config=ds_config, timeout=600)
     assert first.returncode == 0 and "stop signal received" in first.stdout, tail(first)
-    second = launch(cut_cfg, 2, "--resume", "auto", launcher="torchrun", ds_config=ds_config, env=env, timeout=600)
+    second = launch(cut_cfg, 2, "--resume", "auto", launcher="torchrun", ds_config=ds_config, timeout=600)
     assert second.returncode == 0 and "resumed from step_" in second.stdout, tail(second)
-    return ref
 
 
 @pytest.fixture(scope="module")
 def lora_runs(tmp_path_factory, stg_dir, smol_cache):
     """The issue's setting on the real SmolLM2: r 8 on q/k/v/o, ZeRO-3 over 2 ranks, CAT, activation
-    checkpointing; a run, and one stopped by SIGTERM and resumed."""
+    checkpointing."""
     tmp = tmp_path_factory.mktemp("lora")
     (base,) = smol_cache.iterdir()
-    common = dict(stg_dir=stg_dir, tokenizer_dir=None,
-                  model={"config": None, "tokenizer": None, "name_or_path": "smollm2-135m-instruct",
-                         "gradient_checkpointing": True, "lora": LORA},
-                  train={"micro_batch_size": 2, "max_steps": 4, "lr": 2e-3, "export": True},
-                  cat={"enabled": True, "heads": "all"}, eval={"limit": 4, "batch_size": 4, "probe_size": 2},
-                  data={"train": str(stg_dir / "train.jsonl"), "eval": {"iid": str(stg_dir / "test_iid.jsonl")},
-                        "max_length": 96, "cache_dir": str(tmp / "cache")})
-    ref = _ref_cut_resume(tmp, common, "ds_configs/zero3.json", env={"CAT_DS_MODEL_CACHE": str(smol_cache)})
+    cfg = write_config(tmp, "ref", stg_dir=stg_dir, tokenizer_dir=None,
+                       model={"config": None, "tokenizer": None, "name_or_path": "smollm2-135m-instruct",
+                              "gradient_checkpointing": True, "lora": LORA},
+                       train={"micro_batch_size": 2, "max_steps": 4, "lr": 2e-3, "export": True},
+                       cat={"enabled": True, "heads": "all"}, eval={"limit": 4, "batch_size": 4, "probe_size": 2},
+                       data={"train": str(stg_dir / "train.jsonl"), "eval": {"iid": str(stg_dir / "test_iid.jsonl")},
+                             "max_length": 96, "cache_dir": str(tmp / "cache")})
+    ref = launch(cfg, 2, launcher="torchrun", ds_config="ds_configs/zero3.json", timeout=600,
+                 env={"CAT_DS_MODEL_CACHE": str(smol_cache)})
+    assert ref.returncode == 0, tail(ref)
     return tmp, ref, base
 
 
-def test_zero3_two_ranks_train_and_resume_bit_exactly(lora_runs):
+def test_zero3_two_ranks_train_the_adapters_of_the_sharded_model(lora_runs):
     tmp, ref, _ = lora_runs
     assert "LoRA r=8 on q_proj, k_proj, v_proj, o_proj:" in ref.stdout
     m = __import__("re").search(r"model: ([\d,]+) parameters; rank 0 holds ([\d,]+)", ref.stdout)
     total, local = (int(g.replace(",", "")) for g in m.groups())
     assert total > 134_515_008 and local < 0.51 * total  # the frozen base is loaded sharded (small ones whole)
-    a, b = ([r for r in metrics(tmp / d) if "loss" in r] for d in ("ref", "cut"))
-    assert [r["step"] for r in a] == [1, 2, 3, 4] and all(r["cat_loss"] != 0 for r in a)
-    assert state(b) == state(a)
+    rows = [r for r in metrics(tmp / "ref") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["cat_loss"] != 0 for r in rows)
 
 
-def test_zero2_two_ranks_train_and_resume_bit_exactly(tmp_path, stg_dir, bpe_tokenizer):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_stop_and_resume_from_an_adapter_checkpoint_is_bit_exact(stage, tmp_path, stg_dir, bpe_tokenizer):
+    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -127,10 +129,13 @@ def test_zero2_two_ranks_train_and_resume_bit_exactly(tmp_path, stg_dir, bpe_tok
     bpe_tokenizer.save_pretrained(tmp_path / "base")
     common = dict(stg_dir=stg_dir, tokenizer_dir=None,
                   model={"config": None, "name_or_path": str(tmp_path / "base"), "lora": LORA},
-                  train={"max_steps": 4, "lr": 1e-2}, cat={"enabled": True, "heads": "all"})
-    _ref_cut_resume(tmp_path, common, "ds_configs/zero2.json")
+                  train={"max_steps": 4, "lr": 1e-2, "export": True}, cat={"enabled": True, "heads": "all"})
+    _ref_cut_resume(tmp_path, common, f"ds_configs/zero{stage}.json")
     a, b = ([r for r in metrics(tmp_path / d) if "loss" in r] for d in ("ref", "cut"))
     assert len(a) == 4 and state(b) == state(a)
+    # The resumed run exports the same adapters.
+    ref, cut = (load_file(tmp_path / d / "export" / "adapter" / "adapter_model.safetensors") for d in ("ref", "cut"))
+    assert ref.keys() == cut.keys() and ref and all(torch.equal(ref[k], cut[k]) for k in ref)
 
 
 def test_checkpoints_hold_the_adapters_not_the_frozen_base(lora_runs):
@@ -158,10 +163,6 @@ def test_export_writes_an_adapter_and_a_merged_model_that_agree(lora_runs, stg_d
     torch.testing.assert_close(m, a, atol=2e-4, rtol=1e-4)
     assert torch.equal(m.argmax(-1), a.argmax(-1))
     assert float((m - b).abs().max()) > 1e-3  # the adapters did train
-    # The resumed run exports the same adapters.
-    cut = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp / "cut" / "export" / "adapter")
-    with torch.no_grad():
-        torch.testing.assert_close(cut(ids).logits, a, atol=0, rtol=0)
     # cat-ds eval works on both exports, with the same predictions.
     data = tmp / "iid4.jsonl"
     data.write_text("".join((stg_dir / "test_iid.jsonl").read_text().splitlines(keepends=True)[:4]))

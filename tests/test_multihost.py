@@ -114,6 +114,10 @@ def test_sbatch_trains_smollm2_across_two_hosts(multihost_cluster, smol_run):  #
         assert list(home.glob(".cache/cat_ds/models/*/config.json")), f"no converted model in {node}'s HOME"
     assert "training records tokenised" in log
     assert "activation checkpointing on)" in log and "world 4;" in log, log[-6000:]
+    # ZeRO-3 loaded the real model (GQA 9/3 heads, tied embeddings) sharded: rank 0 holds a quarter.
+    total, local = (int(g.replace(",", "")) for g in
+                    re.search(r"model: ([\d,]+) parameters; rank 0 holds ([\d,]+)", log).groups())
+    assert total == 134_515_008 and local <= total // 4 + 100_000, (total, local)
     ds = json.loads((run / "ds_config.json").read_text())
     assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 4
     assert ds["zero_optimization"]["stage"] == 3
@@ -125,6 +129,22 @@ def test_sbatch_trains_smollm2_across_two_hosts(multihost_cluster, smol_run):  #
     assert all(r["cat_loss"] != 0 for r in rows if "loss" in r)
     assert any(k.startswith("eval/") or k.startswith("iid") for r in rows for k in r), rows[-1]
     assert (run / "export" / "model.safetensors").is_file() and (run / "export" / "config.json").is_file()
+
+
+def test_the_exported_model_predicts_what_the_trained_engine_predicted(smol_run, stg_dir):
+    """Reloaded from export/ and evaluated standalone (`cat-ds eval --chat-template`), the model gives
+    the in-engine evaluation's prediction, token for token, on the same record."""
+    from cat_ds.evaluation.standalone import evaluate_model_dir
+
+    job, log, run, _ = smol_run
+    assert job["JobState"] == "COMPLETED", log[-6000:]
+    (engine_preds,) = (run / "eval").glob("step_*/iid.jsonl")
+    engine = [json.loads(line) for line in engine_preds.read_text().splitlines()]
+    assert len(engine) == 1 and engine[0]["input"].startswith("<|im_start|>")  # templated prompts
+    data = run.parent / "iid1.jsonl"  # eval.limit 1: the first record, as written (not yet templated)
+    data.write_text((stg_dir / "test_iid.jsonl").read_text().splitlines(keepends=True)[0])
+    res = evaluate_model_dir(run / "export", [str(data)], batch_size=1, chat_template=True)
+    assert [p.prediction for p in res.predictions] == [p["prediction"] for p in engine]
 
 
 # ---- cat-ds doctor ------------------------------------------------------------------------
@@ -249,6 +269,7 @@ def test_preemption_node_loss_and_stale_latest_resume_bit_exact(multihost_cluste
     _until(c, job_id, log_path, lambda: "(restart 1)" in _out(log_path) and steps_so_far(run) >= 6, 300,
            "the requeued run's step 6")
     log = _out(log_path)
+    assert c.job(job_id)[0]["Restarts"] == "1", log[-6000:]
     assert "stop signal received: saving at step 2" in log and "training stopped (rc=0); requeueing" in log, log
     assert "resumed from step_00000002 (step 2" in log, log[-6000:]
 
