@@ -8,4 +8,6 @@ bash scripts/setup_venv.sh
 # (system and .venv) discard each other's records, forcing a rebuild per switch.
 export PATH="$PWD/.venv/bin:$PATH"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
-exec .venv/bin/python -m pytest -q --timeout 900 "$@"
+# Two workers (pytest-xdist): the slow multi-process tests in order on one, the quick ones on the
+# other (tests/conftest.py groups them). `-n 0` runs everything in this process.
+exec .venv/bin/python -m pytest -q --timeout 900 -n 2 --dist loadgroup "$@"
