@@ -25,16 +25,6 @@ for _k, _v in device_env("cpu").items():
     os.environ.setdefault(_k, _v)
 
 
-def pytest_collection_modifyitems(config, items):
-    """scripts/test.sh runs the suite on 2 pytest-xdist workers (--dist loadgroup). Every slow test
-    (several processes, Slurm daemons, the two-host cluster) joins one group, so those run one after
-    another on one worker, as in a serial run; the other worker meanwhile takes the quick in-process
-    tests, which use one core (alone, the suite left half the machine idle)."""
-    for item in items:
-        if item.get_closest_marker("slow") or item.get_closest_marker("multihost"):
-            item.add_marker(pytest.mark.xdist_group("multiprocess"))
-
-
 def load_bench_script(name: str):
     """A `bench/<name>.py` script as a module (bench/ is scripts, not a package)."""
     import importlib.util

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
+
+from cat_ds.launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -43,25 +44,20 @@ def write_config(tmp: Path, name: str, *, stg_dir: Path, tokenizer_dir: str, **s
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(config: Path, nproc: int, *args: str, env: dict | None = None, timeout: float = 300,
            ds_config: str = "ds_configs/zero3.json", launcher: str = "deepspeed") -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N cat_ds/train.py ...` (or torchrun) exactly as a user runs it (CPU: N processes)."""
+    port = free_port()
     if launcher == "deepspeed":
-        head = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port())]
+        head = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port)]
     else:  # torchrun: lighter to start (the launcher itself does not import DeepSpeed)
         head = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+                "--master-addr", "127.0.0.1", "--master-port", str(port)]
     cmd = [*head, "cat_ds/train.py", "--ds_config", ds_config, "--config", str(config), *args]
     e = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     t0 = time.time()
     p = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
-    p.elapsed = time.time() - t0
+    p.elapsed, p.master_port = time.time() - t0, port
     return p
 
 

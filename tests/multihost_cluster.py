@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import SlurmCluster, SlurmUnavailable, ensure_installed
+from slurm_cluster import SlurmCluster, SlurmUnavailable, ensure_installed, one_cluster_per_machine
 
 SUBNET = "10.213.9"
 HOSTS = {"node1": f"{SUBNET}.1", "node2": f"{SUBNET}.2"}
@@ -138,7 +138,7 @@ class MultiHostCluster(SlurmCluster):
 
     # ---- lifecycle ---------------------------------------------------------------------
     def prepare_hosts(self) -> None:
-        teardown_network()  # a crashed earlier run
+        teardown_network()  # a crashed earlier run (the machine lock rules out a live one)
         self._hosts_original = HOSTS_FILE.read_text()
         setup_network()
         with HOSTS_FILE.open("a") as f:
@@ -232,8 +232,9 @@ def multihost_cluster(tmp_path_factory):
             pytest.fail(reason)
         pytest.skip(reason)
     cluster = MultiHostCluster(tmp_path_factory.mktemp("mh"), tmp_path_factory.getbasetemp())
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
+    with one_cluster_per_machine():  # so the teardown of leftovers below never hits a live cluster
+        try:
+            cluster.start()
+            yield cluster
+        finally:
+            cluster.stop()

@@ -11,6 +11,8 @@ Use the `slurm_cluster` fixture (import it into the test module).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -301,7 +303,35 @@ class SlurmCluster:
         self._run(["scancel", "--batch", f"--signal={sig}", str(job_id)])
 
 
-@pytest.fixture(scope="session")
+MACHINE_LOCK = Path("/run/lock/cat-ds-test-slurm.lock")
+
+
+@contextlib.contextmanager
+def one_cluster_per_machine(timeout: float = 1200, lock: Path = MACHINE_LOCK):
+    """Held while a test cluster lives. munged's socket, the /etc/hosts lines and the two-host
+    cluster's bridge and namespaces are machine-wide: a second cluster starting beside a live one
+    (another pytest process, a second CI job on the machine) would take them from it, and its
+    jobs would lose their controller without a word. The lock goes with its process, however it ends."""
+    with open(lock, "a+") as f:
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > end:
+                    f.seek(0)
+                    raise RuntimeError(f"another test Slurm cluster (pid {f.read().strip() or '?'}) held "
+                                       f"{lock} for {timeout:.0f} s") from None
+                time.sleep(2)
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+
+
+@pytest.fixture(scope="module")
 def slurm_cluster(tmp_path_factory):
     try:
         ensure_installed()
@@ -311,11 +341,12 @@ def slurm_cluster(tmp_path_factory):
         pytest.skip(str(e))
     # A short root path: slurm.conf lines and socket paths stay well under their limits.
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
+    with one_cluster_per_machine():
+        try:
+            cluster.start()
+            yield cluster
+        finally:
+            cluster.stop()
 
 
 # ---- reading a run's metrics.jsonl while a job writes it (test_slurm.py, test_multihost.py) ----

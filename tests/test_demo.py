@@ -13,6 +13,7 @@ from conftest import VENV_BIN
 
 
 @pytest.mark.slow
+@pytest.mark.single_rank
 def test_demo_quick_fine_tunes_smollm2_logs_both_modes_and_compares(tmp_path, smol_cache):
     out = tmp_path / "demo"
     env = {**os.environ, "CAT_DS_MODEL_CACHE": str(smol_cache)}

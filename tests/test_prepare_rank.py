@@ -32,7 +32,7 @@ def test_the_second_nodes_local_rank_0_converts_the_model_into_its_own_cache(tmp
     import yaml
     from safetensors import safe_open
 
-    from cat_ds.engine.distributed import _free_port
+    from cat_ds.launch import free_port
 
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump({
@@ -41,7 +41,7 @@ def test_the_second_nodes_local_rank_0_converts_the_model_into_its_own_cache(tmp
     script = tmp_path / "rank.py"
     script.write_text(RANK)
     node2_cache = tmp_path / "node2_cache"  # node2's HOME: nothing converted yet
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank, cache in ((0, smol_cache), (1, node2_cache)):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",

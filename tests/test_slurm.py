@@ -8,13 +8,14 @@ on two real hosts in test_multihost.py."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
+from slurm_cluster import one_cluster_per_machine, slurm_cluster  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +34,27 @@ def test_slurm_smoke_two_nodes(slurm_cluster, tmp_path):  # noqa: F811
     assert job["NodeList"] == "n[1-2]"
     assert sorted(line for line in out.splitlines() if line.startswith("step-on-")) == [
         "step-on-n1", "step-on-n2"], out
+
+
+def test_a_second_cluster_waits_for_the_first_and_names_its_holder(tmp_path):
+    """The machine lock (one test cluster at a time): held by another process, it is refused after
+    the timeout with that process's pid; released (the holder exits), it is taken."""
+    lock = tmp_path / "cluster.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, 'tests'); "
+                               "from slurm_cluster import one_cluster_per_machine as hold; "
+                               f"cm = hold(lock=__import__('pathlib').Path('{lock}')); cm.__enter__(); "
+                               "print('held', flush=True); time.sleep(60)"],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RuntimeError, match=rf"another test Slurm cluster \(pid {holder.pid}\) held"):
+            with one_cluster_per_machine(timeout=3, lock=lock):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with one_cluster_per_machine(timeout=5, lock=lock):
+        assert lock.read_text() == str(os.getpid())
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import traceback
 import warnings
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ import torch
 
 from cat_ds.engine.device import device_choice, device_env, pick
 from cat_ds.engine.preflight import threads_per_rank
+from cat_ds.launch import free_port
 
 # DeepSpeed 0.19's ZeRO-3 calls torch collectives that torch 2.13 deprecates: one
 # FutureWarning per call (hundreds per step, thousands per evaluation) would bury every log.
@@ -63,12 +65,6 @@ class StopSignal:
 
     def _handler(self, signum, frame):
         self.requested = True
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # The rendezvous port of a Slurm job: derived from the job id, so two jobs sharing a node do not
@@ -114,7 +110,7 @@ def _fill_env() -> None:
     if "RANK" not in env:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
+        env.setdefault("MASTER_PORT", str(free_port()))
     env.setdefault("LOCAL_RANK", "0")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", "29500")
@@ -189,6 +185,7 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
     rank = torch.distributed.get_rank()
     _abort_on_exception(rank)
     _record_hosts()
+    _release_shm_segment(rank)
     device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
     return DistInfo(rank, local_rank, torch.distributed.get_world_size(), device)
 
@@ -210,6 +207,18 @@ def _join(deepspeed, backend: str, rdzv_s: float) -> None:
             f"share ({ifnames or 'neither is set'}; CAT_DS_RDZV_TIMEOUT={rdzv_s:.0f})\n")
         sys.stderr.flush()
         os._exit(1)
+
+
+def _release_shm_segment(rank: int) -> None:
+    """DeepSpeed's CPU allreduce over shared memory (all ranks on one host with LOCAL_SIZE set, as the
+    `deepspeed` launcher does) creates a 69 MB /dev/shm segment per rank and never unlinks it, so each
+    run would keep that RAM taken until reboot. Once the group is up every rank has mapped every
+    segment (init_distributed opens them all; the all-gather in _record_hosts comes after), so the
+    name can go now: the memory is freed when the last rank exits, however it ends."""
+    env = os.environ
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}_{rank}"
+    with contextlib.suppress(OSError):  # absent: another backend, or ranks on several hosts
+        os.unlink(os.path.join("/dev/shm", name))
 
 
 def use_timeout(phase: str, seconds: float | None = None) -> float:
