@@ -312,6 +312,7 @@ def one_cluster_per_machine(timeout: float = 1200, lock: Path = MACHINE_LOCK):
     cluster's bridge and namespaces are machine-wide: a second cluster starting beside a live one
     (another pytest process, a second CI job on the machine) would take them from it, and its
     jobs would lose their controller without a word. The lock goes with its process, however it ends."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a+") as f:
         end = time.monotonic() + timeout
         while True:
