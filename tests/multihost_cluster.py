@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import SlurmCluster, SlurmUnavailable, ensure_installed, one_cluster_per_machine
+from slurm_cluster import SlurmCluster, SlurmUnavailable, ensure_installed
 
 SUBNET = "10.213.9"
 HOSTS = {"node1": f"{SUBNET}.1", "node2": f"{SUBNET}.2"}
@@ -138,7 +138,7 @@ class MultiHostCluster(SlurmCluster):
 
     # ---- lifecycle ---------------------------------------------------------------------
     def prepare_hosts(self) -> None:
-        teardown_network()  # a crashed earlier run (the machine lock rules out a live one)
+        teardown_network()  # a crashed earlier run (running()'s machine lock rules out a live one)
         self._hosts_original = HOSTS_FILE.read_text()
         setup_network()
         with HOSTS_FILE.open("a") as f:
@@ -231,10 +231,5 @@ def multihost_cluster(tmp_path_factory):
         if os.environ.get("CI"):  # in CI these tests must run, never skip
             pytest.fail(reason)
         pytest.skip(reason)
-    cluster = MultiHostCluster(tmp_path_factory.mktemp("mh"), tmp_path_factory.getbasetemp())
-    with one_cluster_per_machine():  # so the teardown of leftovers below never hits a live cluster
-        try:
-            cluster.start()
-            yield cluster
-        finally:
-            cluster.stop()
+    with MultiHostCluster(tmp_path_factory.mktemp("mh"), tmp_path_factory.getbasetemp()).running() as cluster:
+        yield cluster

@@ -187,6 +187,16 @@ class SlurmCluster:
                 stdout=subprocess.DEVNULL, stderr=self._errfile(f"slurmd-{n}"))
         self._wait(self._nodes_idle, timeout, f"nodes {' and '.join(self.nodes)} to be idle")
 
+    @contextlib.contextmanager
+    def running(self):
+        """The cluster up for the `with` body, alone on the machine, and down after, also on failure."""
+        with one_cluster_per_machine():
+            try:
+                self.start()
+                yield self
+            finally:
+                self.stop()
+
     def stop(self) -> None:
         """Cancel what still runs (a failed test), stop the daemons, end stray job processes."""
         if "slurmctld" in self._procs and self._procs["slurmctld"].poll() is None:
@@ -341,13 +351,8 @@ def slurm_cluster(tmp_path_factory):
             pytest.fail(str(e))
         pytest.skip(str(e))
     # A short root path: slurm.conf lines and socket paths stay well under their limits.
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    with one_cluster_per_machine():
-        try:
-            cluster.start()
-            yield cluster
-        finally:
-            cluster.stop()
+    with SlurmCluster(tmp_path_factory.mktemp("slurm")).running() as cluster:
+        yield cluster
 
 
 # ---- reading a run's metrics.jsonl while a job writes it (test_slurm.py, test_multihost.py) ----

@@ -40,9 +40,9 @@ def test_a_second_cluster_waits_for_the_first_and_names_its_holder(tmp_path):
     """The machine lock (one test cluster at a time): held by another process, it is refused after
     the timeout with that process's pid; released (the holder exits), it is taken."""
     lock = tmp_path / "cluster.lock"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, 'tests'); "
-                               "from slurm_cluster import one_cluster_per_machine as hold; "
-                               f"cm = hold(lock=__import__('pathlib').Path('{lock}')); cm.__enter__(); "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "sys.path.insert(0, 'tests'); from slurm_cluster import one_cluster_per_machine; "
+                               f"cm = one_cluster_per_machine(lock=Path('{lock}')); cm.__enter__(); "
                                "print('held', flush=True); time.sleep(60)"],
                               cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:

@@ -26,8 +26,7 @@ import subprocess
 import sys
 import traceback
 import warnings
-import contextlib
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import torch
@@ -217,7 +216,7 @@ def _release_shm_segment(rank: int) -> None:
     name can go now: the memory is freed when the last rank exits, however it ends."""
     env = os.environ
     name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}_{rank}"
-    with contextlib.suppress(OSError):  # absent: another backend, or ranks on several hosts
+    with suppress(OSError):  # absent: another backend, or ranks on several hosts
         os.unlink(os.path.join("/dev/shm", name))
 
 
